@@ -1,0 +1,215 @@
+"""LoRA layers: one small module per base layer type, holding any number of named adapters.
+
+Each wraps the original module as ``base_layer`` (so parameter names match
+Hugging Face PEFT's) and keeps the adapter in effect in ``active``; the
+forward pass does no lookup beyond that one attribute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class LoraLayer(nn.Module):
+    """Base of the LoRA wrappers: bookkeeping shared by every layer type."""
+
+    is_peftkit_wrapper = True
+    adapter_attrs: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+        self.active: str | None = None
+        self.merged_adapters: list[str] = []
+        self.rows: dict[str, torch.Tensor] | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight  # type: ignore[return-value]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.scaling)
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+        self.r[name], self.scaling[name] = r, scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._create(name, r)
+        self._reset(name, init)
+        weight = self.base_layer.weight
+        device = weight.device if weight.device.type != "meta" else None
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        for attr in self.adapter_attrs:
+            holder = getattr(self, attr)
+            item = holder[name]
+            if isinstance(item, nn.Parameter):
+                holder[name] = nn.Parameter(item.detach().to(device=device, dtype=dtype))
+            else:
+                item.to(device=device, dtype=dtype)
+
+    def remove_adapter(self, name: str) -> None:
+        for attr in (*self.adapter_attrs, "lora_dropout"):
+            del getattr(self, attr)[name]
+        del self.r[name], self.scaling[name]
+        if self.active == name:
+            self.active = None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.rows is not None:
+            return self._mixed_forward(x, result)
+        name = self.active
+        if name is None or self.merged_adapters:
+            return result
+        return result + self.delta(name, x).to(result.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        assert self.rows is not None
+        for name, rows in self.rows.items():
+            if name in self.scaling:
+                result = result.index_add(0, rows, self.delta(name, x[rows]).to(result.dtype))
+        return result
+
+    def merge(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data += self.delta_weight(name).to(weight.dtype)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str) -> None:
+        weight = self.base_layer.weight
+        weight.data -= self.delta_weight(name).to(weight.dtype)
+        self.merged_adapters.remove(name)
+
+    # Each layer type fills these in.
+    def _create(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        raise NotImplementedError
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's additive contribution to the output for input ``x``."""
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The adapter's update in the base weight's own layout."""
+        raise NotImplementedError
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, r: int, init: bool | str) -> None:
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init is not False:
+        nn.init.zeros_(b)
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` and on transformers' ``Conv1D`` (GPT-2), whose weight is stored transposed."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def _create(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        return lora_b(lora_a(x)) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding``: a low-rank table ``A`` (r x vocab) mapped up by ``B``."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: bool | str) -> None:
+        super().add_adapter(name, r, scaling, 0.0, init)  # PEFT applies no dropout to embeddings
+
+    def _create(self, name: str, r: int) -> None:
+        vocab, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, vocab))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r))
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        if init is not False:
+            nn.init.zeros_(self.lora_embedding_A[name])
+            nn.init.normal_(self.lora_embedding_B[name])
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        base: nn.Embedding = self.base_layer  # type: ignore[assignment]
+        table = self.lora_embedding_A[name].T
+        hidden = F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        return hidden @ self.lora_embedding_B[name].T * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on ``nn.Conv2d``: ``A`` is a conv with the base kernel to ``r`` channels, ``B`` a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _create(self, name: str, r: int) -> None:
+        base: nn.Conv2d = self.base_layer  # type: ignore[assignment]
+        self.lora_A[name] = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)  # type: ignore[arg-type]
+        self.lora_B[name] = nn.Conv2d(r, base.out_channels, 1, 1, bias=False)
+
+    def _reset(self, name: str, init: bool | str) -> None:
+        _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
+
+    def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        x = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        return lora_b(lora_a(x)) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        combined = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
+        return combined * self.scaling[name]
+
+
+def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:
+    """The LoRA wrapper class for a base module, or ``None`` if LoRA cannot adapt it."""
+    if isinstance(module, (nn.Linear, Conv1D)):
+        return LoraLinear
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return LoraConv2d
+    return None
