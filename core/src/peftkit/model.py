@@ -18,7 +18,7 @@ from peftkit.adapter import Adapter
 from peftkit.config import PeftConfig, read_config_dict
 from peftkit.errors import AdapterLoadError, ConfigError, MergeError, MethodNotInstalledError
 from peftkit.methods import MethodSpec
-from peftkit.modules_to_save import heads_for_task, remove_copy, saved_wrappers, unwrap_all, wrap_modules_to_save
+from peftkit.modules_to_save import TASK_HEADS, remove_copy, saved_wrappers, unwrap_all, wrap_modules_to_save
 from peftkit.plugins import config_from_dict, get_registry
 
 BASE = "__base__"  # the name of "no adapter" in a mixed batch
@@ -66,14 +66,14 @@ class PeftModel(nn.Module):
             raise ConfigError(f"adapter {adapter_name!r} already exists; delete_adapter it or pick another name")
         registry = get_registry()
         spec = registry.method_for_config(config)
-        heads = heads_for_task(self.base_model, config.task_type)
+        heads = TASK_HEADS.get(config.task_type or "", ())
         if heads:
             config.modules_to_save = list(dict.fromkeys([*(config.modules_to_save or []), *heads]))
         adapter = registry.hook.peftkit_inject(model=self.base_model, config=config, adapter_name=adapter_name)
         if adapter is None:
             raise MethodNotInstalledError(f"no installed plugin injects {type(config).__name__}; is its plugin disabled?")
         try:
-            saved = wrap_modules_to_save(self.base_model, config.modules_to_save or [], adapter_name)
+            saved = wrap_modules_to_save(self.base_model, config.modules_to_save or [], adapter_name, config.task_type)
         except Exception:
             registry.hook.peftkit_merge(adapter=adapter, config=config, action="unload")
             raise
@@ -287,7 +287,7 @@ class PeftModel(nn.Module):
         try:
             peft_model._load_state(adapter_name, tensors)
         except Exception:
-            peft_model.unload()
+            peft_model.delete_adapter(adapter_name)  # unload() would keep the rejected modules_to_save copies
             raise
         return peft_model
 

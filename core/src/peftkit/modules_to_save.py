@@ -55,14 +55,12 @@ class ModulesToSaveWrapper(nn.Module):
         return out
 
 
-def heads_for_task(model: nn.Module, task_type: str | None) -> list[str]:
-    """Names of the task head modules present in ``model`` for ``task_type``."""
-    names = {n for n, _ in model.named_modules()}
-    return [h for h in TASK_HEADS.get(task_type or "", ()) if h in names]
+def wrap_modules_to_save(model: nn.Module, patterns: Iterable[str], adapter_name: str, task_type: str | None = None) -> list[str]:
+    """Give ``adapter_name`` its own trainable copy of each matching module; return their names.
 
-
-def wrap_modules_to_save(model: nn.Module, patterns: Iterable[str], adapter_name: str) -> list[str]:
-    """Give ``adapter_name`` its own trainable copy of each matching module; return their names."""
+    Every pattern must match, except the task's usual head names (PEFT lists
+    both "classifier" and "score" for SEQ_CLS whatever the model has).
+    """
     patterns = list(patterns)
     found: list[str] = []
     inside_wrappers = tuple(n + "." for n in saved_wrappers(model))
@@ -71,7 +69,8 @@ def wrap_modules_to_save(model: nn.Module, patterns: Iterable[str], adapter_name
             continue
         if name_matches(name, patterns) and not any(name.startswith(f + ".") for f in found):
             found.append(name)
-    missing = [p for p in patterns if not any(name_matches(n, [p]) for n in found)]
+    optional = TASK_HEADS.get(task_type or "", ())
+    missing = [p for p in patterns if p not in optional and not any(name_matches(n, [p]) for n in found)]
     if missing:
         from peftkit.errors import InjectError
 

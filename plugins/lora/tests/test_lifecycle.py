@@ -1,0 +1,112 @@
+"""Several adapters on one model: switching, disabling, deleting, mixed batches, merging, Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TASK_TYPES, fresh, logits, three_rows
+
+import peftkit
+from peftkit.testing.models import sample_inputs
+from peftkit_lora import LoraConfig
+
+
+def two_adapters(kind: str, tmp_path: Path) -> tuple[peftkit.PeftModel, dict[str, torch.Tensor]]:
+    """A model with adapters "default" and "other", each saved alone, and each one's logits alone."""
+    inputs = three_rows(kind)
+    alone = {}
+    for seed, name in ((1, "default"), (2, "other")):
+        torch.manual_seed(seed)
+        single = peftkit.get_peft_model(fresh(kind), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, task_type=TASK_TYPES[kind]))
+        with torch.no_grad():
+            for pname, param in single.named_parameters():
+                if ".modules_to_save." in pname:
+                    param.add_(torch.randn_like(param))
+        single.save_pretrained(tmp_path / name)
+        alone[name] = logits(single.eval(), inputs)
+    model = peftkit.PeftModel.from_pretrained(fresh(kind), tmp_path / "default")
+    model.load_adapter(tmp_path / "other", adapter_name="other")
+    alone["__base__"] = logits(fresh(kind).eval(), inputs)
+    return model.eval(), alone
+
+
+def test_set_disable_delete(kind: str, tmp_path: Path) -> None:
+    model, alone = two_adapters(kind, tmp_path)
+    inputs = three_rows(kind)
+    torch.testing.assert_close(logits(model, inputs), alone["default"], rtol=0, atol=0)
+    model.set_adapter("other")
+    torch.testing.assert_close(logits(model, inputs), alone["other"], rtol=0, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, inputs), alone["__base__"], rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, inputs), alone["other"], rtol=0, atol=0)
+    model.delete_adapter("other")
+    assert model.active_adapter == "default" and list(model.peft_config) == ["default"]
+    assert not any(".other" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(logits(model, inputs), alone["default"], rtol=0, atol=0)
+
+
+def test_mixed_batch_matches_each_adapter_alone(kind: str, tmp_path: Path) -> None:
+    model, alone = two_adapters(kind, tmp_path)
+    inputs = three_rows(kind)
+    names = ["other", "__base__", "default"]
+    mixed = logits(model, inputs, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits(model, inputs), alone["default"], rtol=0, atol=0)  # no rows left behind
+
+
+def test_mixed_batch_errors(tmp_path: Path) -> None:
+    model, _ = two_adapters("llama", tmp_path)
+    inputs = sample_inputs("llama")
+    with pytest.raises(ValueError, match="entries but the batch has"):
+        model(**inputs, adapter_names=["default"])
+    with pytest.raises(KeyError, match="no adapter named 'missing'"):
+        model(**inputs, adapter_names=["missing"] * inputs["input_ids"].shape[0])
+    model.merge_adapter()
+    with pytest.raises(peftkit.MergeError, match="merged"):
+        model(**inputs, adapter_names=["default"] * inputs["input_ids"].shape[0])
+
+
+def test_generate_with_adapter_per_row(tmp_path: Path) -> None:
+    model, _ = two_adapters("llama", tmp_path)
+    prompt = sample_inputs("llama")["input_ids"][:2]
+    mixed = model.generate(input_ids=prompt, adapter_names=["default", "other"], max_new_tokens=4, do_sample=False)
+    first = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    model.set_adapter("other")
+    second = model.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    torch.testing.assert_close(mixed[0], first[0])
+    torch.testing.assert_close(mixed[1], second[1])
+
+
+def test_merge_and_unload_keeps_function_and_drops_wrappers(kind: str, tmp_path: Path) -> None:
+    model, alone = two_adapters(kind, tmp_path)
+    model.set_adapter("other")
+    merged = model.merge_and_unload()
+    assert not any("lora_" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged, three_rows(kind)), alone["other"], atol=1e-5, rtol=1e-5)
+
+
+def test_only_active_adapter_trains_and_is_trainable(tmp_path: Path) -> None:
+    model = peftkit.get_peft_model(fresh("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["v_proj"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default." in n for n in trainable)
+    model.set_adapter("second")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".second." in n for n in trainable)
+
+
+def test_trainer_trains_unchanged(tmp_path: Path) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    model = peftkit.get_peft_model(fresh("llama"), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.randint(0, 64, (16, 8))
+    rows = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    Trainer(model=model, args=args, train_dataset=rows).train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    assert any(".lora_B." in n for n in changed)
