@@ -55,8 +55,9 @@ def peftkit_forward(
     """Called once per forward (and once per ``generate``) of the wrapped model.
 
     ``inputs`` are the keyword arguments of the call; ``rows`` maps adapter
-    names to the batch rows that use them when the caller asked for a mixed
-    batch (``adapter_names=[...]``), else ``None``. Return a context manager
+    names to the batch rows (1-d long tensors) that use them when the caller
+    asked for a mixed batch (``adapter_names=[...]``), ``"__base__"`` included
+    for rows that use no adapter; else ``None``. Return a context manager
     that yields the (possibly rewritten) inputs and undoes any per-call state on
     exit. The core calls this hook only for methods whose spec sets
     ``rewrites_inputs`` or, for mixed batches, ``mixed_batches``.

@@ -61,11 +61,15 @@ def resolve_adapter_dir(location: str | os.PathLike[str], revision: str | None =
     try:
         for filename in (CONFIG_NAME, WEIGHTS_NAME):
             files[filename] = hf_hub_download(text, filename, revision=revision, subfolder=subfolder)
-    except EntryNotFoundError:
+    except LocalEntryNotFoundError:
         raise AdapterLoadError(
-            f"Hub repo {text!r} has no {filename}; peftkit reads only safetensors adapters, never pickles"
+            f"could not get {filename} of {text!r}: it is not in the Hub cache and the Hub is unreachable "
+            f"(or HF_HUB_OFFLINE is set)"
         ) from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+    except EntryNotFoundError:
+        hint = "; peftkit reads only safetensors adapters, never pickles" if filename == WEIGHTS_NAME else ""
+        raise AdapterLoadError(f"Hub repo {text!r} has no {filename}{hint}") from None
+    except (HfHubHTTPError, OSError) as exc:
         raise AdapterLoadError(f"could not get {filename} of {text!r} from the Hub or its cache: {exc}") from None
     return Path(files[CONFIG_NAME]).parent
 

@@ -174,7 +174,10 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------------ running
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        """Run the model; ``adapter_names`` picks an adapter per batch row (``"__base__"`` for none)."""
+        """Run the model; ``adapter_names`` picks an adapter per batch row (``"__base__"`` for none).
+
+        Methods receive ``rows``: adapter name to row indices, ``"__base__"`` included.
+        """
         with self._call(kwargs, args, adapter_names, expand=1) as inputs:
             return self.base_model(*args, **inputs)
 
@@ -223,7 +226,7 @@ class PeftModel(nn.Module):
                 raise ValueError(f"method {self._specs[name].name!r} of adapter {name!r} does not support mixed batches")
             if adapter.merged:
                 raise MergeError(f"adapter {name!r} is merged; unmerge_adapter() before a mixed batch")
-        rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=reference.device) for n in used}
+        rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], dtype=torch.long, device=reference.device) for n in [*used, BASE]}
         return used, rows
 
     # ------------------------------------------------------------- parameters

@@ -120,12 +120,11 @@ def build_registry() -> Registry:
             _unregister_quietly(manager, f"{dist}:{ep.name}")
             continue
         for spec in declared:
-            if spec.name in methods:
-                other = methods[spec.name].distribution
-                raise PluginError(
-                    f"method {spec.name!r} is claimed by two distributions, {other} and {dist}; "
-                    f"uninstall one of them"
-                )
+            for other in methods.values():
+                if spec.name == other.name or spec.peft_type == other.peft_type:
+                    claimed = f"method {spec.name!r}" if spec.name == other.name else f"peft_type {spec.peft_type!r}"
+                    owners = f"two distributions, {other.distribution} and {dist}" if other.distribution != dist else f"{dist} twice"
+                    raise PluginError(f"{claimed} is claimed by {owners}; uninstall one of them")
             methods[spec.name] = replace(spec, distribution=dist, version=version)
     return Registry(manager, methods, broken)
 

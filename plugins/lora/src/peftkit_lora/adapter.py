@@ -14,7 +14,7 @@ from peftkit import Adapter, AdapterLoadError
 from peftkit.io import PEFT_PREFIX
 from peftkit.targeting import get_submodule_parent, name_matches, pattern_value, select_modules
 from peftkit_lora.config import LoraConfig
-from peftkit_lora.layers import LoraLayer, lora_layer_for
+from peftkit_lora.layers import LoraLayer, MixedRows, lora_layer_for
 
 
 class LoraAdapter(Adapter):
@@ -44,8 +44,9 @@ class LoraAdapter(Adapter):
     @contextmanager
     def route_rows(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
         """Give every layer of this adapter the batch rows of each adapter for one call."""
+        mixed = MixedRows(rows) if rows is not None else None
         for layer in self.layers.values():
-            layer.rows = rows
+            layer.rows = mixed
         try:
             yield inputs
         finally:

@@ -13,7 +13,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_globals
 from transformers.pytorch_utils import Conv1D
+
+from peftkit.model import BASE
+from peftkit_lora.kernels import lora_linear
+
+
+class MixedRows:
+    """Which adapter each row of a mixed batch uses, prepared once per call for every layer."""
+
+    def __init__(self, rows: dict[str, torch.Tensor]) -> None:
+        self.groups = {name: ids for name, ids in rows.items() if name != BASE}
+        self.names = tuple(self.groups)
+        batch_size = sum(len(ids) for ids in rows.values())
+        index = torch.zeros(batch_size, dtype=torch.long, device=next(iter(rows.values())).device)
+        for position, row_ids in enumerate(self.groups.values(), start=1):
+            index[row_ids] = position
+        self.index = index  # 0: no adapter; k: names[k - 1]
 
 
 class LoraLayer(nn.Module):
@@ -30,7 +47,7 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.active: str | None = None
         self.merged_adapters: list[str] = []
-        self.rows: dict[str, torch.Tensor] | None = None
+        self.rows: MixedRows | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -73,8 +90,9 @@ class LoraLayer(nn.Module):
         return result + self.delta(name, x).to(result.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Each row gets its own adapter's contribution (one pass per adapter in the batch)."""
         assert self.rows is not None
-        for name, rows in self.rows.items():
+        for name, rows in self.rows.groups.items():
             if name in self.scaling:
                 result = result.index_add(0, rows, self.delta(name, x[rows]).to(result.dtype))
         return result
@@ -130,6 +148,70 @@ class LoraLinear(LoraLayer):
     def _create(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.active
+        if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._fast_path_applies(x, name):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        weight = base.weight.T if self.fan_in_fan_out else base.weight
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+
+    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """All rows at once: gather each row's (A, B) from stacked weights, then two batched matmuls."""
+        rows = self.rows
+        assert rows is not None
+        if x.shape[0] != rows.index.shape[0]:
+            raise ValueError(f"mixed batch: layer input has {x.shape[0]} rows, adapter_names {rows.index.shape[0]}")
+        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling):
+            return super()._mixed_forward(x, result)  # per-adapter dropout: one pass per adapter
+        stacked_a, stacked_b = self._stacked(rows.names)
+        a, b = stacked_a[rows.index], stacked_b[rows.index]  # (batch, r, in), (batch, out, r)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
+        return result + delta.view(result.shape).to(result.dtype)
+
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapters' A and scaled B stacked (slot 0 is zeros), padded to one rank; cached until weights change."""
+        present = [n for n in names if n in self.scaling]
+        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present]
+        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights), tuple(self.scaling[n] for n in present))
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        reference = self.lora_A[present[0]].weight if present else self.base_layer.weight
+        rank = max((self.r[n] for n in present), default=1)
+        stacked_a = reference.new_zeros(len(names) + 1, rank, self.in_features)
+        stacked_b = reference.new_zeros(len(names) + 1, self.out_features, rank)
+        with torch.no_grad():
+            for slot, name in enumerate(names, start=1):
+                if name in self.scaling:
+                    r = self.r[name]
+                    stacked_a[slot, :r] = self.lora_A[name].weight
+                    stacked_b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        self._stack_cache = (key, (stacked_a, stacked_b))
+        return stacked_a, stacked_b
+
+    def _fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
+        """Whether the fused kernel computes exactly what the module composition would.
+
+        It does not for quantized or subclassed base layers, a trainable base
+        weight or bias, mixed dtypes or autocast, hooks that expect to see the
+        base layer run, or inside ``torch.compile`` (which fuses the plain path).
+        """
+        base = self.base_layer
+        if type(base) not in (nn.Linear, Conv1D) or torch.compiler.is_compiling():
+            return False
+        if base._forward_hooks or base._forward_pre_hooks or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+            return False
+        weight, bias, lora_a = base.weight, base.bias, self.lora_A[name].weight
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        if not (x.dtype == weight.dtype == lora_a.dtype) or not x.dtype.is_floating_point:
+            return False
+        return not torch.is_autocast_enabled(x.device.type)
 
     def _reset(self, name: str, init: bool | str) -> None:
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)

@@ -1,0 +1,136 @@
+"""The fused LoRA linear computes the plain path's function, and falls back where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit.testing.models import sample_inputs, tiny_model
+from peftkit_lora import LoraConfig
+from peftkit_lora.kernels import LoraLinearFunction, dropout_mask
+from peftkit_lora.layers import LoraLayer, LoraLinear
+
+
+def plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bb: torch.Tensor, s: float, mask: torch.Tensor | None) -> torch.Tensor:
+    lora_in = x if mask is None else x * mask
+    return x @ w.T + b + s * (lora_in @ a.T) @ bb.T
+
+
+def operands(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=dtype, requires_grad=True)
+    w, b = torch.randn(4, 5, dtype=dtype), torch.randn(4, dtype=dtype)
+    a = torch.randn(2, 5, dtype=dtype, requires_grad=True)
+    bb = torch.randn(4, 2, dtype=dtype, requires_grad=True)
+    return x, w, b, a, bb
+
+
+def test_gradcheck_against_float64() -> None:
+    x, w, b, a, bb = operands()
+    assert torch.autograd.gradcheck(lambda x, a, bb: LoraLinearFunction.apply(x, w, b, a, bb, 0.7, 0.0, 0), (x, a, bb))
+
+
+def test_dropout_matches_plain_path_with_the_same_mask() -> None:
+    x, w, b, a, bb = operands()
+    seed, p = 1234, 0.3
+    fast = LoraLinearFunction.apply(x, w, b, a, bb, 0.7, p, seed)
+    fast_grads = torch.autograd.grad(fast.pow(2).sum(), (x, a, bb))
+    mask = dropout_mask(x.detach().reshape(-1, 5), p, seed).view_as(x)
+    reference = plain(x, w, b, a, bb, 0.7, mask)
+    reference_grads = torch.autograd.grad(reference.pow(2).sum(), (x, a, bb))
+    torch.testing.assert_close(fast, reference)
+    for got, want in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(got, want)
+    # gradcheck with the mask fixed by the seed
+    assert torch.autograd.gradcheck(lambda x, a, bb: LoraLinearFunction.apply(x, w, b, a, bb, 0.7, p, seed), (x, a, bb))
+
+
+def test_dropout_has_the_expectation_of_no_dropout() -> None:
+    x, w, b, a, bb = (t.detach() for t in operands())
+    p = 0.5
+    mean = torch.stack([LoraLinearFunction.apply(x, w, b, a, bb, 1.0, p, seed) for seed in range(4000)]).mean(0)
+    torch.testing.assert_close(mean, plain(x, w, b, a, bb, 1.0, None), atol=0.15, rtol=0.05)
+
+
+def lora_mlp(dropout: float = 0.0) -> tuple[peftkit.PeftModel, LoraLinear]:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = peftkit.get_peft_model(base, LoraConfig(r=2, target_modules=["0"], lora_dropout=dropout, init_lora_weights=False))
+    return model, model.base_model[0]
+
+
+def reference_output(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The module composition: what the fast path must equal."""
+    return LoraLayer.forward(layer, x)
+
+
+def test_module_fast_path_equals_composition_in_outputs_and_grads() -> None:
+    model, layer = lora_mlp()
+    x = torch.randn(4, 8, requires_grad=True)
+    assert layer._fast_path_applies(x, "default")
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    fast = layer(x)
+    fast_grads = torch.autograd.grad(fast.sum(), [x, *params])
+    slow = reference_output(layer, x)
+    slow_grads = torch.autograd.grad(slow.sum(), [x, *params])
+    torch.testing.assert_close(fast, slow)
+    for got, want in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_whole_model_training_step_matches_the_plain_path() -> None:
+    def step(fast: bool) -> dict[str, torch.Tensor]:
+        model = peftkit.get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if not fast:
+            for module in model.modules():
+                if isinstance(module, LoraLinear):
+                    module.forward = LoraLayer.forward.__get__(module)  # type: ignore[method-assign]
+        model(**sample_inputs("llama", labels=True)).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, slow = step(True), step(False)
+    assert fast.keys() == slow.keys() and fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+class SubclassedLinear(nn.Linear):
+    """Stands for a quantized or otherwise special base layer."""
+
+
+@pytest.mark.parametrize("case", ["trainable-base", "hook", "subclass", "autocast", "dtype"])
+def test_falls_back_to_the_plain_path(case: str) -> None:
+    model, layer = lora_mlp()
+    x = torch.randn(4, 8)
+    seen = []
+    if case == "trainable-base":
+        layer.base_layer.weight.requires_grad_(True)
+    elif case == "hook":
+        layer.base_layer.register_forward_hook(lambda *args: seen.append(True))
+    elif case == "subclass":
+        special = SubclassedLinear(8, 8).requires_grad_(False)
+        special.load_state_dict(layer.base_layer.state_dict())
+        layer.base_layer = special
+    elif case == "dtype":  # LoRA weights in float64 on a float32 base
+        layer.lora_A.to(torch.float64), layer.lora_B.to(torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        assert not layer._fast_path_applies(x, "default")
+        out = layer(x)
+        expected = reference_output(layer, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert seen or case != "hook", "the base layer's forward hook ran"
+
+
+def test_torch_compile_has_no_graph_breaks_and_trains() -> None:
+    model, _ = lora_mlp(dropout=0.1)
+    x = torch.randn(4, 8)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    model.eval()
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), model(x))
+    model.train()
+    compiled(x).sum().backward()
+    assert model.base_model[0].lora_B["default"].weight.grad is not None
