@@ -14,6 +14,9 @@ class MethodSpec:
     ``name`` is the short name (``"lora"``) used by :func:`peftkit.make_config`
     and the CLI; ``peft_type`` is the ``adapter_config.json`` value. The flags
     tell the core (and ``peftkit methods``) what the method supports.
+    ``modules_to_save_prefix`` starts the disk keys of the adapter's
+    ``modules_to_save`` copies: PEFT writes ``base_model.model.classifier.weight``
+    for layer methods but ``base_model.classifier.weight`` for prompt-learning ones.
     """
 
     name: str
@@ -25,6 +28,7 @@ class MethodSpec:
     rewrites_inputs: bool = False
     noop_at_init: bool = True
     model_kinds: tuple[str, ...] = ("causal-lm", "seq2seq-lm", "seq-cls", "torch-module")
+    modules_to_save_prefix: str = "base_model.model."
     distribution: str = field(default="", compare=False)
     version: str = field(default="", compare=False)
 

@@ -100,6 +100,8 @@ class PeftModel(nn.Module):
         """Remove an adapter and every module, parameter and buffer it added."""
         adapter = self._require(adapter_name)
         hook = get_registry().hook
+        for param in adapter.parameters():
+            param.requires_grad_(False)
         if adapter.merged:
             hook.peftkit_merge(adapter=adapter, config=adapter.config, action="unmerge")
         hook.peftkit_merge(adapter=adapter, config=adapter.config, action="unload")
@@ -159,6 +161,9 @@ class PeftModel(nn.Module):
 
     def _unload_all(self) -> nn.Module:
         hook = get_registry().hook
+        for adapter in self._adapters.values():
+            for param in adapter.parameters():
+                param.requires_grad_(False)
         for adapter in self._adapters.values():
             hook.peftkit_merge(adapter=adapter, config=adapter.config, action="unload")
         unwrap_all(self.base_model, keep=self.active_adapter)
@@ -231,10 +236,13 @@ class PeftModel(nn.Module):
 
     # ------------------------------------------------------------- parameters
     def _update_trainable(self) -> None:
-        for name, adapter in self._adapters.items():
-            trainable = name == self.active_adapter and not adapter.config.inference_mode
+        for adapter in self._adapters.values():  # all off first: adapters may share parameters (LoRA biases)
             for param in adapter.parameters():
-                param.requires_grad_(trainable)
+                param.requires_grad_(False)
+        active = self._adapters.get(self.active_adapter or "")
+        if active is not None and not active.config.inference_mode:
+            for param in active.parameters():
+                param.requires_grad_(True)
         for wrapper in saved_wrappers(self.base_model).values():
             for name, copy in wrapper.modules_to_save.items():
                 copy.requires_grad_(name == self.active_adapter and not self.peft_config[name].inference_mode)
@@ -276,10 +284,11 @@ class PeftModel(nn.Module):
         """The adapter's tensors under the keys written to disk."""
         adapter = self._require(adapter_name)
         tensors = dict(get_registry().hook.peftkit_state_dict(adapter=adapter, config=adapter.config, tensors=None))
+        prefix = self._specs[adapter_name].modules_to_save_prefix
         for module_name in self._saved_modules[adapter_name]:
             wrapper = self.base_model.get_submodule(module_name)
             for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
-                tensors[f"{io.PEFT_PREFIX}{module_name}.{key}"] = value
+                tensors[f"{prefix}{module_name}.{key}"] = value
         return tensors
 
     @classmethod
@@ -312,7 +321,7 @@ class PeftModel(nn.Module):
         remaining = dict(tensors)
         for module_name in self._saved_modules[adapter_name]:
             copy = self.base_model.get_submodule(module_name).modules_to_save[adapter_name]
-            prefix = f"{io.PEFT_PREFIX}{module_name}."
+            prefix = f"{self._specs[adapter_name].modules_to_save_prefix}{module_name}."
             own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
             expected = copy.state_dict()
             if set(own) != set(expected) or any(own[k].shape != v.shape for k, v in expected.items()):

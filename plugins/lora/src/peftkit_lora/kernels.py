@@ -2,17 +2,19 @@
 
 What it saves against the plain composition of modules (Hugging Face PEFT's):
 
-- no dropout copy of ``x``: the dropout mask is regenerated in backward from
-  a seed drawn on the host, so neither the mask nor ``dropout(x)`` is stored;
+- no dropout copy of ``x`` is kept: the mask is regenerated in backward from
+  a seed (see :mod:`peftkit_lora.dropout`), so neither it nor ``dropout(x)``
+  is stored;
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
-  low-rank product is accumulated into the base output in place (``addmm_``),
-  with the scale folded into the ``(N, r)`` intermediate;
-- backward stores only ``x`` (which q/k/v share) and the ``(N, r)`` product
-  ``h``, and adds the LoRA input gradient into the base input gradient in place.
+  low-rank product is written first and the base matmul accumulates onto it
+  (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
+  the scale folded into the ``(N, r)`` intermediate; backward does the same for
+  the input gradient;
+- backward stores only ``x`` (which q/k/v share) and the ``(N, r)`` product ``h``.
 
-It computes the same function as the plain path (same dropout semantics:
-dropout on the LoRA input, scaled by ``1 / (1 - p)``), which the tests check
-against a float64 reference with ``gradcheck``.
+It computes the same function as the plain path (dropout on the LoRA input,
+kept values scaled by ``1 / (1 - p)``), which the tests check against a
+float64 reference with ``gradcheck``.
 """
 
 from __future__ import annotations
@@ -20,20 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-
-def dropout_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """The keep-mask, already scaled by ``1 / (1 - p)``, that ``seed`` gives for a tensor like ``like``."""
-    generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed)
-    keep = torch.empty_like(like).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(1.0 / (1.0 - p))
-
-
-def draw_seed() -> int:
-    """A seed from torch's global CPU generator (so ``torch.manual_seed`` makes runs repeatable)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+from peftkit_lora.dropout import draw_seed, seeded_dropout
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -55,14 +45,14 @@ class LoraLinearFunction(torch.autograd.Function):
         dropout_p: float,
         seed: int,
     ) -> torch.Tensor:
-        out = F.linear(x, weight, bias)
         flat_x = x.reshape(-1, x.shape[-1])
-        lora_in = flat_x * dropout_mask(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
+        lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         h = (lora_in @ lora_a.T).mul_(scaling)
-        out.view(-1, out.shape[-1]).addmm_(h, lora_b.T)
+        out = torch.addmm(bias, h, lora_b.T) if bias is not None else h @ lora_b.T
+        out.addmm_(flat_x, weight.T)
         ctx.save_for_backward(x, weight, lora_a, lora_b, h)
         ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
-        return out
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -71,15 +61,14 @@ class LoraLinearFunction(torch.autograd.Function):
         flat_x = x.reshape(-1, x.shape[-1])
         grad_h = (flat_grad @ lora_b).mul_(ctx.scaling)  # (N, r)
         grad_b = flat_grad.T @ h  # h already carries the scale
-        mask = dropout_mask(flat_x, ctx.dropout_p, ctx.seed) if ctx.dropout_p > 0 else None
-        grad_a = grad_h.T @ (flat_x * mask if mask is not None else flat_x)
+        p, seed = ctx.dropout_p, ctx.seed
+        grad_a = grad_h.T @ (seeded_dropout(flat_x, p, seed) if p > 0 else flat_x)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = flat_grad @ weight
-            if mask is None:
-                grad_x.addmm_(grad_h, lora_a)
-            else:
-                grad_x.add_((grad_h @ lora_a).mul_(mask))
+            grad_x = grad_h @ lora_a
+            if p > 0:
+                grad_x = seeded_dropout(grad_x, p, seed)  # the same mask, same shape as x
+            grad_x.addmm_(flat_grad, weight)
             grad_x = grad_x.view_as(x)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
@@ -93,7 +82,7 @@ def lora_linear(
     scaling: float,
     dropout_p: float,
 ) -> torch.Tensor:
-    """The fused LoRA linear; without autograd it runs the same in-place forward with no saved state."""
+    """The fused LoRA linear; without autograd it runs the same forward and saves nothing."""
     seed = draw_seed() if dropout_p > 0 else 0
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)

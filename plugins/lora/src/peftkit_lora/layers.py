@@ -170,8 +170,10 @@ class LoraLinear(LoraLayer):
         stacked_a, stacked_b = self._stacked(rows.names)
         a, b = stacked_a[rows.index], stacked_b[rows.index]  # (batch, r, in), (batch, out, r)
         flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        delta = torch.bmm(torch.bmm(flat, a.transpose(1, 2)), b.transpose(1, 2))
-        return result + delta.view(result.shape).to(result.dtype)
+        h = torch.bmm(flat, a.transpose(1, 2))
+        if result.dtype != h.dtype:
+            return result + torch.bmm(h, b.transpose(1, 2)).view(result.shape).to(result.dtype)
+        return torch.baddbmm(result.reshape(h.shape[0], -1, result.shape[-1]), h, b.transpose(1, 2)).view(result.shape)
 
     def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapters' A and scaled B stacked (slot 0 is zeros), padded to one rank; cached until weights change."""

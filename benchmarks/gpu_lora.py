@@ -1,0 +1,367 @@
+"""GPU benchmark for fast LoRA (issue: training near the floor, unmerged inference near base speed).
+
+One run measures every variant side by side, each in a fresh subprocess so peak
+memory is its own: the frozen-base floor, full fine-tuning, Hugging Face PEFT
+LoRA and peftkit LoRA (all-linear with dropout 0.05 and 0, q/v only), no-grad
+forwards (base, unmerged, merged) and a batch mixing 4 adapters. It also checks
+peftkit's bf16 fast path against a float64 reference and captures inference in
+a CUDA graph. Results go to benchmarks/results/gpu_lora.md.
+
+    python benchmarks/gpu_lora.py            # the 1.1B Llama shape of the issue
+    python benchmarks/gpu_lora.py --tiny     # a smoke run (also on the CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TRAIN_VARIANTS = {
+    "floor": "all weights frozen, gradients through activations only",
+    "full": "full fine-tuning",
+    "peft_all_d05": "PEFT LoRA r=16 a=32 all-linear dropout 0.05",
+    "peftkit_all_d05": "peftkit LoRA r=16 a=32 all-linear dropout 0.05",
+    "peft_all_d0": "PEFT LoRA all-linear dropout 0",
+    "peftkit_all_d0": "peftkit LoRA all-linear dropout 0",
+    "peft_qv": "PEFT LoRA r=16 q_proj,v_proj",
+    "peftkit_qv": "peftkit LoRA r=16 q_proj,v_proj",
+}
+INFER_VARIANTS = {
+    "fwd_base": "forward, no grad: base",
+    "fwd_peft": "forward: PEFT unmerged LoRA",
+    "fwd_peftkit": "forward: peftkit unmerged LoRA",
+    "fwd_merged": "forward: peftkit merged",
+    "mixed_peft": "forward: 4 adapters mixed by row, PEFT",
+    "mixed_peftkit": "forward: 4 adapters mixed by row, peftkit",
+    "graph_peftkit": "forward: peftkit unmerged, CUDA graph replay",
+}
+
+
+def model_config(tiny: bool):  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+
+
+def build(tiny: bool, device: str):  # type: ignore[no-untyped-def]
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = model_config(tiny)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    with torch.device(device):
+        torch.set_default_dtype(dtype)
+        model = LlamaForCausalLM(config)
+        torch.set_default_dtype(torch.float32)
+    return model.requires_grad_(False)
+
+
+def lora_config(kind: str, variant: str):  # type: ignore[no-untyped-def]
+    targets = ["q_proj", "v_proj"] if variant.endswith("qv") else "all-linear"
+    dropout = 0.05 if variant.endswith("d05") else 0.0
+    options = {"r": 16, "lora_alpha": 32, "lora_dropout": dropout, "target_modules": targets}
+    if kind == "peft":
+        import peft
+
+        return peft.LoraConfig(**options)
+    from peftkit_lora import LoraConfig
+
+    return LoraConfig(**options)
+
+
+def wrap(model, variant: str):  # type: ignore[no-untyped-def]
+    if variant.startswith("peftkit"):
+        import peftkit
+
+        return peftkit.get_peft_model(model, lora_config("peftkit", variant))
+    if variant.startswith("peft"):
+        import peft
+
+        return peft.get_peft_model(model, lora_config("peft", variant))
+    return model
+
+
+def timed(step, warmup: int, steps: int, device: str) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - began) * 1000)
+    return statistics.median(times)
+
+
+def run_train(variant: str, tiny: bool, device: str) -> dict[str, float]:
+    import torch
+
+    batch, seq = (2, 64) if tiny else (8, 1024)
+    model = wrap(build(tiny, device), variant)
+    if variant == "full":
+        model.requires_grad_(True)
+    if variant == "floor":
+        embed = model.get_input_embeddings()
+        embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = torch.randint(0, model_config(tiny).vocab_size, (batch, seq), device=device)
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    ms = timed(step, 3, 12, device)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return {"ms": ms, "peak_gib": peak}
+
+
+def add_mixed_adapters(model, kind: str):  # type: ignore[no-untyped-def]
+    """Four adapters with random (non-zero) B, so every row does real LoRA work."""
+    import torch
+
+    names = ["a0", "a1", "a2", "a3"]
+    for name in names:
+        if kind == "peft":
+            import peft
+
+            config = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        else:
+            from peftkit_lora import LoraConfig
+
+            config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+        model.add_adapter(name, config)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0, 0.01)
+    return names
+
+
+def run_infer(variant: str, tiny: bool, device: str) -> dict[str, float]:
+    import torch
+
+    batch, seq = (2, 32) if tiny else (8, 512)
+    base = build(tiny, device).eval()
+    ids = torch.randint(0, model_config(tiny).vocab_size, (batch, seq), device=device)
+    kind = "peftkit" if "peftkit" in variant or variant == "fwd_merged" else "peft"
+    model = base if variant == "fwd_base" else wrap(base, f"{kind}_all_d0")
+    extra: dict[str, object] = {}
+    if variant == "fwd_merged":
+        model = model.merge_and_unload()
+    if variant.startswith("mixed"):
+        names = add_mixed_adapters(model, kind)
+        extra["adapter_names"] = [names[i % 4] for i in range(batch)]
+    model.eval()
+    if variant == "graph_peftkit" and device == "cuda":
+        static = ids.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.no_grad():
+            for _ in range(3):
+                model(input_ids=static, use_cache=False)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():
+            captured = model(input_ids=static, use_cache=False).logits
+        with torch.no_grad():
+            eager = model(input_ids=static, use_cache=False).logits
+        graph.replay()
+        torch.cuda.synchronize()
+        error = ((captured.float() - eager.float()).norm() / eager.float().norm()).item()
+        return {"ms": timed(graph.replay, 3, 20, device), "graph_rel_error": error}
+
+    def step() -> None:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, **extra)
+
+    return {"ms": timed(step, 3, 20, device)}
+
+
+def run_check(tiny: bool, device: str) -> dict[str, float]:
+    """bf16 fast path and plain path against a float64 reference of the same LoRA linear."""
+    import torch
+    from torch import nn
+
+    import peftkit
+    from peftkit_lora import LoraConfig
+    from peftkit_lora.layers import LoraLayer
+
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(2048, 2048)).to(device, torch.bfloat16)
+    model = peftkit.get_peft_model(layer, LoraConfig(r=16, lora_alpha=32, target_modules=["0"], init_lora_weights=False))
+    lora = model.base_model[0]
+    x = torch.randn(4096, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
+    params = [x, lora.lora_A["default"].weight, lora.lora_B["default"].weight]
+
+    def result(fn):  # type: ignore[no-untyped-def]
+        out = fn()
+        grads = torch.autograd.grad(out.float().pow(2).mean(), params)
+        return [out, *grads]
+
+    fast = result(lambda: lora(x))
+    plain = result(lambda: LoraLayer.forward(lora, x))
+    lora.double()
+    x64 = x.detach().double().requires_grad_(True)
+    params = [x64, lora.lora_A["default"].weight, lora.lora_B["default"].weight]
+    reference = result(lambda: LoraLayer.forward(lora, x64))
+
+    def rel(a, b):  # type: ignore[no-untyped-def]
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    return {
+        "fast_vs_fp64_max_rel": max(rel(a, b) for a, b in zip(fast, reference)),
+        "plain_vs_fp64_max_rel": max(rel(a, b) for a, b in zip(plain, reference)),
+        **dropout_check(device),
+    }
+
+
+def dropout_check(device: str) -> dict[str, float]:
+    """The seeded-dropout fast path (Triton on CUDA) against float64 with the same mask."""
+    import torch
+
+    from peftkit_lora.dropout import seeded_dropout
+    from peftkit_lora.kernels import LoraLinearFunction
+
+    torch.manual_seed(1)
+    p, seed, scaling = 0.1, 7, 2.0
+    x = torch.randn(4096, 2048, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(2048, 2048, device=device) * 0.02).to(torch.bfloat16)
+    a = (torch.randn(16, 2048, device=device) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    b = (torch.randn(2048, 16, device=device) * 0.02).to(torch.bfloat16).requires_grad_(True)
+    out = LoraLinearFunction.apply(x, w, None, a, b, scaling, p, seed)
+    grads = torch.autograd.grad(out.float().pow(2).mean(), [x, a, b])
+    mask = seeded_dropout(torch.ones_like(x), p, seed).double()
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, b))
+    ref = x64 @ w.double().T + scaling * ((x64 * mask) @ a64.T) @ b64.T
+    ref_grads = torch.autograd.grad(ref.pow(2).mean(), [x64, a64, b64])
+    errors = [((g.double() - r).norm() / r.norm()).item() for g, r in zip([out, *grads], [ref, *ref_grads])]
+    other = seeded_dropout(torch.ones_like(x), p, seed + 1)
+    return {
+        "dropout_fast_vs_fp64_max_rel": max(errors),
+        "dropout_keep_fraction": (mask != 0).double().mean().item(),
+        "dropout_masks_differ_by_seed": float(not torch.equal(mask != 0, other != 0)),
+    }
+
+
+def child(variant: str, tiny: bool, device: str) -> None:
+    if variant == "check":
+        result = run_check(tiny, device)
+    elif variant in TRAIN_VARIANTS:
+        result = run_train(variant, tiny, device)
+    else:
+        result = run_infer(variant, tiny, device)
+    print("RESULT " + json.dumps(result))
+
+
+def parent(args: argparse.Namespace) -> None:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results: dict[str, dict[str, float]] = {}
+    for variant in ["check", *TRAIN_VARIANTS, *INFER_VARIANTS]:
+        command = [sys.executable, __file__, "--variant", variant, "--device", device] + (["--tiny"] if args.tiny else [])
+        done = subprocess.run(command, capture_output=True, text=True)
+        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+            results[variant] = {"error": 1.0}
+            continue
+        results[variant] = json.loads(line[len("RESULT "):])
+        print(variant, results[variant], flush=True)
+    table = render(results, device, args.tiny)
+    print(table)
+    if not args.tiny:
+        Path(args.out).write_text(table)
+    Path(args.json_out).write_text(json.dumps(results, indent=2))
+
+
+def render(results: dict[str, dict[str, float]], device: str, tiny: bool) -> str:
+    import peft
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    floor = results.get("floor", {})
+    base = results.get("fwd_base", {})
+    lines = [
+        "# GPU LoRA benchmark",
+        "",
+        f"`python benchmarks/gpu_lora.py{' --tiny' if tiny else ''}` on {name}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, {time.strftime('%Y-%m-%d')}.",
+        "Llama shape: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, bf16, sdpa. "
+        "Training: batch 8 x 1024, labels = inputs, AdamW, median of 12 steps after 3 warm-up. "
+        "Forward: batch 8 x 512, no grad, median of 20.",
+        "",
+        "| variant | ms | x floor | peak GiB | x floor peak |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, label in TRAIN_VARIANTS.items():
+        r = results.get(key, {})
+        if "ms" not in r:
+            lines.append(f"| {label} | failed | | | |")
+            continue
+        ratio = r["ms"] / floor["ms"] if floor.get("ms") else float("nan")
+        peak = r.get("peak_gib", 0.0)
+        peak_ratio = peak / floor["peak_gib"] if floor.get("peak_gib") else float("nan")
+        lines.append(f"| {label} | {r['ms']:.1f} | {ratio:.2f} | {peak:.1f} | {peak_ratio:.2f} |")
+    lines += ["", "| forward variant | ms | x base |", "|---|---:|---:|"]
+    for key, label in INFER_VARIANTS.items():
+        r = results.get(key, {})
+        if "ms" not in r:
+            lines.append(f"| {label} | failed | |")
+            continue
+        ratio = r["ms"] / base["ms"] if base.get("ms") else float("nan")
+        lines.append(f"| {label} | {r['ms']:.1f} | {ratio:.2f} |")
+    check = results.get("check", {})
+    lines += [
+        "",
+        f"bf16 check, relative error to a float64 reference (outputs and grads, worst): fast path {check.get('fast_vs_fp64_max_rel', float('nan')):.2e}, "
+        f"plain path {check.get('plain_vs_fp64_max_rel', float('nan')):.2e}; with dropout 0.1 (seeded mask) {check.get('dropout_fast_vs_fp64_max_rel', float('nan')):.2e}, "
+        f"kept fraction {check.get('dropout_keep_fraction', float('nan')):.4f}.",
+    ]
+    if "graph_rel_error" in results.get("graph_peftkit", {}):
+        lines.append(f"CUDA graph replay vs eager, relative error: {results['graph_peftkit']['graph_rel_error']:.2e}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny model, for a smoke run")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_lora.md"))
+    parser.add_argument("--json-out", default="gpu_lora.json")
+    args = parser.parse_args()
+    if args.variant:
+        child(args.variant, args.tiny, args.device)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
