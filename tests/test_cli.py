@@ -231,6 +231,7 @@ def test_inspect_bad_config(run: Callable[..., subprocess.CompletedProcess[str]]
         ("base_model.model.model.layers.0.mlp.up_proj.base_layer.bias", ("model.layers.0.mlp.up_proj", "base_layer.bias")),
         ("base_model.model.score.weight", ("score", "weight")),
         ("base_model.model.model.layers.0.self_attn.k_proj.ia3_l", ("model.layers.0.self_attn.k_proj", "ia3_l")),
+        ("base_model.classifier.weight", ("classifier", "weight")),
         ("prompt_embeddings", ("", "prompt_embeddings")),
     ],
 )

@@ -55,8 +55,8 @@ def load_fails(model: peftkit.PeftModel, folder: Path, match: str, error: type[E
 
 def test_method_not_installed_names_the_package(saved: Path) -> None:
     config = json.loads((saved / "adapter_config.json").read_text())
-    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "PROMPT_TUNING"}))
-    with pytest.raises(peftkit.MethodNotInstalledError, match="pip install peftkit-prompt"):
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(peftkit.MethodNotInstalledError, match="pip install peftkit-loha"):
         peftkit.PeftModel.from_pretrained(tiny_model("llama"), saved)
 
 

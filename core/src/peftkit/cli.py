@@ -196,13 +196,14 @@ def describe_adapter(directory: Path) -> dict[str, Any]:
 
 
 def split_key(key: str) -> tuple[str, str]:
-    """Split a tensor key into (module, tensor name), dropping PEFT's ``base_model.model.`` prefix.
+    """Split a tensor key into (module, tensor name), dropping PEFT's ``base_model.model.`` or
+    ``base_model.`` prefix (the latter: heads saved by prompt-learning methods).
 
     ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` gives
     ``("model.layers.0.self_attn.q_proj", "lora_A.weight")``; keys of other
     methods split off their last component (``("model.norm", "weight")``).
     """
-    name = key.removeprefix(io.PEFT_PREFIX)
+    name = key.removeprefix(io.PEFT_PREFIX).removeprefix("base_model.")
     parts = name.split(".")
     start = next((i for i, part in enumerate(parts) if i and _TENSOR_PART.match(part)), len(parts) - 1)
     return ".".join(parts[:start]), ".".join(parts[start:])

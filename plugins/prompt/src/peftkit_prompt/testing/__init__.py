@@ -1,0 +1,1 @@
+"""Test helpers shared by the virtual-token plugins (peftkit-prompt, peftkit-ptuning); needs pytest and peft."""
