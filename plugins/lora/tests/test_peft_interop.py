@@ -84,3 +84,19 @@ def test_embedding_lora_both_ways(tmp_path: Path) -> None:
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(fresh("llama"), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_move_both_ways(bias: str, tmp_path: Path) -> None:
+    inputs = sample_inputs("gpt2")
+    config = {"r": 4, "target_modules": ["c_attn"], "init_lora_weights": False, "bias": bias}
+    theirs = peft.get_peft_model(fresh("gpt2"), peft.LoraConfig(**config))
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if name.endswith("bias") and param.requires_grad:  # the biases this adapter trains
+                param.add_(0.5)
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    ours = peftkit.PeftModel.from_pretrained(fresh("gpt2"), tmp_path / "theirs").eval()
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path / "ours")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()

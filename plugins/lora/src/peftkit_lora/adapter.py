@@ -160,11 +160,18 @@ def _trained_biases(model: nn.Module, layers: dict[str, LoraLayer], mode: str) -
         return {}
     if mode == "lora_only":
         return {f"{t}.base_layer.bias": l.base_layer.bias for t, l in layers.items() if getattr(l.base_layer, "bias", None) is not None}
-    return {
-        name: param
-        for name, param in model.named_parameters()
-        if name.endswith("bias") and ".lora_" not in name and ".modules_to_save." not in name and ".original_module." not in name
-    }
+    biases: dict[str, nn.Parameter] = {}
+    inside_other_wrappers: tuple[str, ...] = ()  # other adapters' modules and saved heads: not base biases
+    for name, module in model.named_modules():
+        if name and name.startswith(inside_other_wrappers):
+            continue
+        if getattr(module, "is_peftkit_wrapper", False) and not isinstance(module, LoraLayer):
+            inside_other_wrappers += (name + ".",)
+            continue
+        bias = module._parameters.get("bias")
+        if isinstance(bias, nn.Parameter):
+            biases[f"{name}.bias" if name else "bias"] = bias
+    return biases
 
 
 def _is_linear(module: nn.Module) -> bool:
