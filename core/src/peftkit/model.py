@@ -27,6 +27,10 @@ BASE = "__base__"  # the name of "no adapter" in a mixed batch
 class PeftModel(nn.Module):
     """A model with one or more adapters. Attributes it lacks are looked up on the base model."""
 
+    # transformers.Trainer refuses to train a quantized model (is_quantized, looked up on the base)
+    # unless it carries adapters, which it recognises by this flag or by being a peft.PeftModel.
+    _hf_peft_config_loaded = True
+
     def __init__(self, model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = model

@@ -1,0 +1,309 @@
+"""QLoRA training memory and speed: peftkit (peftkit-qlora) against Hugging Face PEFT + bitsandbytes.
+
+A Llama-2-7B-shaped model (hidden 4096, intermediate 11008, 32 layers, 32
+heads, vocabulary 32000) with random bf16 weights is written to disk once as
+safetensors shards (cached under /tmp), then loaded 4-bit by transformers'
+BitsAndBytesConfig (NF4, double quantization, bf16 compute) in a fresh
+subprocess per variant. Each variant trains LoRA r=16 on all linear layers
+(dropout 0.05) with gradient checkpointing, batch 1 x 1024 tokens and
+torch.optim.AdamW, and reports the peak of torch.cuda.max_memory_allocated()
+over the training steps (reset after loading) and the median step time over
+the timed steps after the warm-up ones.
+
+Variants: ``peft`` (peft.prepare_model_for_kbit_training + peft.get_peft_model),
+``peftkit`` (peftkit_qlora.prepare_model_for_kbit_training + peftkit.get_peft_model),
+``peftkit-offload`` (the same, checkpointed activations kept in host memory),
+``peftkit-bf16-lora`` (the same as peftkit, with the LoRA weights themselves in bf16).
+
+    python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
+    python benchmarks/gpu_qlora.py                 # on a GPU: every variant, writes benchmarks/results/gpu_qlora.md
+    python benchmarks/gpu_qlora.py --tiny          # a small model on the CPU, as a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CACHE = Path("/tmp/peftkit_bench")
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_qlora.md"
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "vocab_size": 32000,
+}
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 512,
+}
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+VARIANTS = ("peft", "peftkit", "peftkit-offload", "peftkit-bf16-lora")
+DEFAULT_VARIANTS = ",".join(VARIANTS)
+GIB = 2**30
+
+
+def write_random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> Path:
+    """Random bf16 Llama weights as one safetensors shard per block (host memory: one block at a time)."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    if (folder / "DONE").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = tf.LlamaConfig(
+        **shape,
+        num_key_value_heads=shape["num_attention_heads"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config.dtype = "bfloat16"
+    config.save_pretrained(folder)
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inner, vocab = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"]
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def normal(*size: int) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator) * 0.02).to(torch.bfloat16)
+
+    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": normal(vocab, hidden)})
+    for i in range(shape["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        block = {f"{prefix}self_attn.{p}_proj.weight": normal(hidden, hidden) for p in "qkvo"}
+        block |= {f"{prefix}mlp.{p}_proj.weight": normal(inner, hidden) for p in ("gate", "up")}
+        block[f"{prefix}mlp.down_proj.weight"] = normal(hidden, inner)
+        block |= {
+            f"{prefix}{n}.weight": torch.ones(hidden, dtype=torch.bfloat16)
+            for n in ("input_layernorm", "post_attention_layernorm")
+        }
+        shard(f"block-{i:03d}.safetensors", block)
+    shard(
+        "head.safetensors",
+        {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": normal(vocab, hidden)},
+    )
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (folder / "DONE").write_text("complete\n")
+    return folder
+
+
+def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Load, prepare, train; runs in its own process so that GPU memory starts empty."""
+    import torch
+    import transformers as tf
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    quantization = tf.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    device_map = {"": device.index or 0} if cuda else {"": "cpu"}
+    start = time.perf_counter()
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quantization, dtype=torch.bfloat16, device_map=device_map
+    )
+    load_s = time.perf_counter() - start
+    if variant == "peft":
+        import peft
+
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+    else:
+        import peftkit
+        from peftkit_lora import LoraConfig
+        from peftkit_qlora import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, offload_checkpoints=variant == "peftkit-offload")
+        model = peftkit.get_peft_model(model, LoraConfig(**LORA))
+        if variant == "peftkit-bf16-lora":
+            for param in model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(torch.bfloat16)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    vocab = model.config.vocab_size
+    tokens = torch.randint(3, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    sync()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    setup_bytes = torch.cuda.memory_allocated(device) if cuda else 0
+    times, losses = [], []
+    for _ in range(args.warmup + args.steps):
+        sync()
+        began = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - began)
+        losses.append(loss.item())
+    return {
+        "variant": variant,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+        "setup_gib": setup_bytes / GIB if cuda else None,
+        "median_ms": 1000 * statistics.median(times[args.warmup :]),
+        "trainable": sum(p.numel() for p in params),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "load_s": load_s,
+        "checkpointing": bool(getattr(model.get_base_model(), "is_activation_checkpointing", False)),
+        "embedding_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch."),
+    }
+
+
+def _environment(device: str) -> str:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    gpu = (
+        torch.cuda.get_device_name(0)
+        if device.startswith("cuda") and torch.cuda.is_available()
+        else platform.processor() or "CPU"
+    )
+    return (
+        f"{gpu}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+        f"bitsandbytes {bitsandbytes.__version__}, Python {platform.python_version()}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, shape: dict[str, int]) -> str:
+    base = next((r for r in rows if r["variant"] == "peft"), None)
+    lines = [
+        "# QLoRA training: peftkit vs Hugging Face PEFT",
+        "",
+        (
+            f"Model: Llama shape {shape}, random bf16 weights loaded 4-bit (NF4, double quantization, bf16 compute) "
+            f"by transformers' BitsAndBytesConfig. LoRA r=16, alpha 32, dropout 0.05, all linear layers; gradient "
+            f"checkpointing; batch {args.batch} x {args.seq_len} tokens; torch.optim.AdamW (lr 2e-4). Peak = "
+            f"torch.cuda.max_memory_allocated over the {args.warmup} warm-up + {args.steps} timed steps (reset "
+            f"after loading); step time = median of the timed steps. One fresh process per variant."
+        ),
+        "",
+        f"Environment: {_environment(args.device)}.",
+        "",
+        (
+            "| variant | peak GiB | median step ms | step time vs PEFT | after-load GiB | trainable params "
+            "| embeddings | loss first -> last |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a (CPU)"
+        setup = f"{row['setup_gib']:.2f}" if row["setup_gib"] is not None else "n/a"
+        ratio = f"{row['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+        lines.append(
+            f"| {row['variant']} | {peak} | {row['median_ms']:.0f} | {ratio} | {setup} | {row['trainable']:,} | "
+            f"{row['embedding_dtype']} | {row['loss_first']:.3f} -> {row['loss_last']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tiny", action="store_true", help="a 2-layer model, few steps: a smoke test that runs on the CPU"
+    )
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--output", type=Path, default=None, help=f"markdown table (default {RESULTS}; --tiny: under {CACHE})"
+    )
+    parser.add_argument("--prepare-only", action="store_true", help="write the random weights and stop")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shape = TINY if args.tiny else LLAMA_7B
+    args.seq_len = args.seq_len or (64 if args.tiny else 1024)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    folder = CACHE / ("llama-tiny-random" if args.tiny else "llama2-7b-random")
+    if args.worker:
+        print("RESULT " + json.dumps(run_variant(args.worker, folder, args)), flush=True)
+        return
+    if args.device is None:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"weights: {write_random_llama(folder, shape)}", flush=True)
+    if args.prepare_only:
+        return
+    rows = []
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if variant == "peftkit-offload" and args.device == "cpu":
+            print(f"{variant:>18}: skipped (offloading activations to the host needs a GPU)")
+            continue
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            variant,
+            "--device",
+            args.device,
+            "--seq-len",
+            str(args.seq_len),
+            "--batch",
+            str(args.batch),
+            "--warmup",
+            str(args.warmup),
+            "--steps",
+            str(args.steps),
+        ]
+        command += ["--tiny"] if args.tiny else []
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        results = [line[len("RESULT ") :] for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not results:
+            sys.exit(f"variant {variant} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        rows.append(json.loads(results[-1]))
+        row = rows[-1]
+        peak = f"{row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else "n/a"
+        losses = f"{row['loss_first']:.3f} -> {row['loss_last']:.3f}"
+        print(f"{variant:>18}: peak {peak}, median step {row['median_ms']:.0f} ms, loss {losses}", flush=True)
+    table = markdown(rows, args, shape)
+    output = args.output or (CACHE / "gpu_qlora_tiny.md" if args.tiny else RESULTS)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
+    print(f"\n{table}\nwritten to {output}")
+
+
+if __name__ == "__main__":
+    main()

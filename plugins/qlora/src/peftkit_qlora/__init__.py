@@ -1,0 +1,45 @@
+"""peftkit-qlora: LoRA over bitsandbytes-quantized base layers, as hook wrappers around peftkit-lora.
+
+Importing this package imports neither torch nor bitsandbytes; the functions
+below load them on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from peftkit_qlora.config import QLoraConfig
+
+if TYPE_CHECKING:
+    from peftkit_qlora.adapt import QLoraMergeWarning, merge_and_unload
+    from peftkit_qlora.quantize import BitsAndBytesUnavailableError, QuantizationError, quantize_model
+    from peftkit_qlora.training import prepare_model_for_kbit_training
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "quantize_model": "peftkit_qlora.quantize",
+    "QuantizationError": "peftkit_qlora.quantize",
+    "BitsAndBytesUnavailableError": "peftkit_qlora.quantize",
+    "prepare_model_for_kbit_training": "peftkit_qlora.training",
+    "merge_and_unload": "peftkit_qlora.adapt",
+    "QLoraMergeWarning": "peftkit_qlora.adapt",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'peftkit_qlora' has no attribute {name!r}")
+
+
+__all__ = [
+    "BitsAndBytesUnavailableError",
+    "QLoraConfig",
+    "QLoraMergeWarning",
+    "QuantizationError",
+    "merge_and_unload",
+    "prepare_model_for_kbit_training",
+    "quantize_model",
+]
