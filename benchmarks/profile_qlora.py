@@ -1,0 +1,55 @@
+"""Where a QLoRA training step spends GPU time: torch profiler tables for PEFT and peftkit.
+
+Uses the weights benchmarks/gpu_qlora.py writes (run it with --prepare-only first).
+
+    python benchmarks/profile_qlora.py peft|peftkit
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import transformers as tf
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+from gpu_qlora import CACHE, LLAMA_7B, LORA, write_random_llama
+
+
+def main() -> None:
+    variant = sys.argv[1]
+    folder = write_random_llama(CACHE / "llama2-7b-random", LLAMA_7B)
+    quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0})
+    if variant == "peft":
+        import peft
+
+        model = peft.get_peft_model(peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True), peft.LoraConfig(**LORA))
+    else:
+        import peftkit
+        from peftkit_lora import LoraConfig
+        from peftkit_qlora import prepare_model_for_kbit_training
+
+        model = peftkit.get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(**LORA))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    tokens = torch.randint(3, 32000, (1, 1024), device="cuda")
+
+    def step() -> None:
+        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    print(f"== {variant}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
