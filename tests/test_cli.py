@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from peftkit.cli import split_key
 
 LORA_COUNT = 2 * ((4 * 16 + 16 * 4) + (4 * 16 + 8 * 4))  # 2 layers x (q_proj 16->16, v_proj 16->8) at r=4
@@ -159,9 +160,7 @@ class Tiny:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    import peftkit
     import torch
-    from peftkit_lora import LoraConfig
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         AutoModelForCausalLM,
@@ -169,6 +168,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
         LlamaForCausalLM,
         PreTrainedTokenizerFast,
     )
+
+    import peftkit
+    from peftkit_lora import LoraConfig
 
     root = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
@@ -241,9 +243,10 @@ def test_split_key(key: str, expected: tuple[str, str]) -> None:
 
 # -------------------------------------------------------------------- merge
 def test_merge_matches_the_adapter(run: Callable[..., subprocess.CompletedProcess[str]], tiny: Tiny, tmp_path: Path) -> None:
-    import peftkit
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peftkit
 
     out = tmp_path / "merged"
     out.mkdir()

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit.testing.models import tiny_model, sample_inputs
+from peftkit.testing.models import sample_inputs, tiny_model
 from peftkit_lora import LoraConfig
 
 
@@ -62,7 +62,7 @@ def test_method_not_installed_names_the_package(saved: Path) -> None:
 
 def test_lora_missing_from_environment_is_named(saved: Path) -> None:
     code = f"import peftkit; from peftkit.testing.models import tiny_model; peftkit.PeftModel.from_pretrained(tiny_model('llama'), {str(saved)!r})"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**_env(), "PEFTKIT_LOAD_PLUGINS": ""})
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, env={**_env(), "PEFTKIT_LOAD_PLUGINS": ""})
     assert result.returncode != 0
     assert "method 'LORA' is not installed: pip install peftkit-lora" in result.stderr
 
@@ -111,7 +111,7 @@ def test_truncated_and_corrupt_weights(saved: Path, tmp_path: Path) -> None:
 def test_missing_unexpected_and_misshapen_tensors(saved: Path, tmp_path: Path) -> None:
     model = peftkit.get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["k_proj"]))
     tensors = load_file(saved / "adapter_model.safetensors")
-    first = sorted(tensors)[0]
+    first = min(tensors)
 
     missing = copy_adapter(saved, tmp_path / "missing")
     save_file({k: v for k, v in tensors.items() if k != first}, missing / "adapter_model.safetensors")

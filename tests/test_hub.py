@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit.testing.models import tiny_model, sample_inputs
+from peftkit.testing.models import sample_inputs, tiny_model
 from peftkit_lora import LoraConfig
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -31,7 +31,7 @@ def test_load_by_repo_id_from_offline_cache(tmp_path: Path, monkeypatch: pytest.
     put_in_hub_cache(tmp_path / "cache", "someone/tiny-lora", tmp_path / "adapter")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
@@ -43,7 +43,7 @@ def test_load_by_repo_id_from_offline_cache(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_repo_not_in_offline_cache_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty"))

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from rich.console import Console
@@ -111,8 +111,8 @@ def methods(as_json: bool) -> None:
         hint = " (PEFTKIT_LOAD_PLUGINS is set)" if "PEFTKIT_LOAD_PLUGINS" in os.environ else ": pip install peftkit-lora"
         click.echo(f"No methods installed{hint}")
     if data["broken"]:
-        rows = [(b["distribution"], b["entry_point"], b["error"]) for b in data["broken"]]
-        _table(console, "Broken plugins", ("distribution", "entry point", "error"), rows)
+        broken = [(b["distribution"], b["entry_point"], b["error"]) for b in data["broken"]]
+        _table(console, "Broken plugins", ("distribution", "entry point", "error"), broken)
 
 
 # ------------------------------------------------------------------ inspect
@@ -247,7 +247,7 @@ def merge(base: str, adapter: str, out: Path, force: bool, as_json: bool) -> Non
         merged = peft_model.merge_and_unload()
         step(f"Saving the merged model to {out}")
         staging = Path(tmp)
-        merged.save_pretrained(staging)
+        cast(Any, merged).save_pretrained(staging)
         tokenizer = _save_tokenizer(base, staging)
         files = _publish(staging, out)
     result = {

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from typing_extensions import Self
+
 from peftkit.errors import ConfigError
 
 C = TypeVar("C", bound="PeftConfig")
@@ -62,7 +64,7 @@ class PeftConfig:
         return dict(sorted(data.items()))
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         """Build a config from a dict such as PEFT's ``adapter_config.json``.
 
         Unknown fields are dropped when empty (``None``, ``False``, ``{}``,

@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -18,7 +18,14 @@ from peftkit.adapter import Adapter
 from peftkit.config import PeftConfig, read_config_dict
 from peftkit.errors import AdapterLoadError, ConfigError, MergeError, MethodNotInstalledError
 from peftkit.methods import MethodSpec
-from peftkit.modules_to_save import TASK_HEADS, remove_copy, saved_wrappers, unwrap_all, wrap_modules_to_save
+from peftkit.modules_to_save import (
+    TASK_HEADS,
+    ModulesToSaveWrapper,
+    remove_copy,
+    saved_wrappers,
+    unwrap_all,
+    wrap_modules_to_save,
+)
 from peftkit.plugins import config_from_dict, get_registry
 
 BASE = "__base__"  # the name of "no adapter" in a mixed batch
@@ -171,7 +178,8 @@ class PeftModel(nn.Module):
         for adapter in self._adapters.values():
             hook.peftkit_merge(adapter=adapter, config=adapter.config, action="unload")
         unwrap_all(self.base_model, keep=self.active_adapter)
-        self._adapters.clear(), self.peft_config.clear(), self._specs.clear(), self._saved_modules.clear()
+        for registry in (self._adapters, self.peft_config, self._specs, self._saved_modules):
+            registry.clear()
         self.active_adapter = None
         return self.base_model
 
@@ -194,7 +202,7 @@ class PeftModel(nn.Module):
         """``generate`` of the base model, with the active adapter or one adapter per row."""
         beams, returns = kwargs.get("num_beams") or 1, kwargs.get("num_return_sequences") or 1
         with self._call(kwargs, args, adapter_names, expand=beams if beams > 1 else returns) as inputs:
-            return self.base_model.generate(*args, **inputs)
+            return cast(Any, self.base_model).generate(*args, **inputs)
 
     @contextmanager
     def _call(self, inputs: dict[str, Any], args: tuple[Any, ...], adapter_names: Sequence[str] | None, expand: int) -> Iterator[dict[str, Any]]:
@@ -273,7 +281,7 @@ class PeftModel(nn.Module):
         if root.exists() and not root.is_dir():
             raise ConfigError(f"{root} exists and is not a directory")
         for name in selected_adapters or list(self._adapters):
-            adapter = self._require(name)
+            self._require(name)
             target = root if name == "default" else root / io.check_adapter_name(name)
             io.write_adapter(target, self._config_for_disk(name), self.adapter_state_dict(name))
 
@@ -290,8 +298,7 @@ class PeftModel(nn.Module):
         tensors = dict(get_registry().hook.peftkit_state_dict(adapter=adapter, config=adapter.config, tensors=None))
         prefix = self._specs[adapter_name].modules_to_save_prefix
         for module_name in self._saved_modules[adapter_name]:
-            wrapper = self.base_model.get_submodule(module_name)
-            for key, value in wrapper.modules_to_save[adapter_name].state_dict().items():
+            for key, value in self._saved_copy(module_name, adapter_name).state_dict().items():
                 tensors[f"{prefix}{module_name}.{key}"] = value
         return tensors
 
@@ -299,7 +306,7 @@ class PeftModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike[str], adapter_name: str = "default", is_trainable: bool = False, revision: str | None = None, subfolder: str | None = None) -> PeftModel:
         """Load an adapter folder (local or a Hub repo id) onto ``model``."""
         config, tensors = _read_adapter(model_id, revision, subfolder, is_trainable)
-        peft_model = _wrapper_class(type(model))(model, config, adapter_name)
+        peft_model = _wrapper_class(type(model))(model, config, adapter_name)  # type: ignore[arg-type]
         try:
             peft_model._load_state(adapter_name, tensors)
         except Exception:
@@ -324,7 +331,7 @@ class PeftModel(nn.Module):
         adapter = self._adapters[adapter_name]
         remaining = dict(tensors)
         for module_name in self._saved_modules[adapter_name]:
-            copy = self.base_model.get_submodule(module_name).modules_to_save[adapter_name]
+            copy = self._saved_copy(module_name, adapter_name)
             prefix = f"{self._specs[adapter_name].modules_to_save_prefix}{module_name}."
             own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
             expected = copy.state_dict()
@@ -332,6 +339,10 @@ class PeftModel(nn.Module):
                 raise AdapterLoadError(f"saved module {module_name!r}: file has {sorted(own)} {[tuple(v.shape) for v in own.values()]}, model expects {[(k, tuple(v.shape)) for k, v in expected.items()]}")
             copy.load_state_dict(own)
         get_registry().hook.peftkit_state_dict(adapter=adapter, config=adapter.config, tensors=remaining)
+
+    def _saved_copy(self, module_name: str, adapter_name: str) -> nn.Module:
+        wrapper = cast(ModulesToSaveWrapper, self.base_model.get_submodule(module_name))
+        return wrapper.modules_to_save[adapter_name]
 
     def _require(self, name: str) -> Adapter:
         if name not in self._adapters:
@@ -356,7 +367,7 @@ def _read_adapter(location: str | os.PathLike[str], revision: str | None, subfol
     return config, io.read_tensors(directory)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _wrapper_class(base_class: type[nn.Module]) -> type[PeftModel]:
     """A PeftModel subclass whose ``forward`` shows the base class's signature.
 
@@ -383,4 +394,4 @@ def _wrapper_class(base_class: type[nn.Module]) -> type[PeftModel]:
 
 def get_peft_model(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with a new trainable adapter; the base weights are frozen."""
-    return _wrapper_class(type(model))(model, config, adapter_name)
+    return _wrapper_class(type(model))(model, config, adapter_name)  # type: ignore[arg-type]

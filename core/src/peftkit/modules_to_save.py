@@ -43,8 +43,13 @@ class ModulesToSaveWrapper(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.rows is not None:
             return self._mixed_forward(x, *args, **kwargs)
-        module = self.modules_to_save[self.active_adapter] if self.active_adapter in self.modules_to_save else self.original_module
-        return module(x, *args, **kwargs)
+        return self.copy_for(self.active_adapter)(x, *args, **kwargs)
+
+    def copy_for(self, adapter_name: str | None) -> nn.Module:
+        """The adapter's trained copy, or the original module when it has none."""
+        if adapter_name is not None and adapter_name in self.modules_to_save:
+            return self.modules_to_save[adapter_name]
+        return self.original_module
 
     def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.original_module(x, *args, **kwargs)
@@ -106,5 +111,4 @@ def unwrap_all(model: nn.Module, keep: str | None) -> None:
     """Replace every wrapper by the ``keep`` adapter's copy (or the original when it has none)."""
     for name, wrapper in saved_wrappers(model).items():
         parent, attr = get_submodule_parent(model, name)
-        chosen = wrapper.modules_to_save[keep] if keep in wrapper.modules_to_save else wrapper.original_module
-        setattr(parent, attr, chosen)
+        setattr(parent, attr, wrapper.copy_for(keep))

@@ -68,7 +68,7 @@ def reference_output(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_module_fast_path_equals_composition_in_outputs_and_grads() -> None:
-    model, layer = lora_mlp()
+    _model, layer = lora_mlp()
     x = torch.randn(4, 8, requires_grad=True)
     assert layer._fast_path_applies(x, "default")
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
@@ -103,7 +103,7 @@ class SubclassedLinear(nn.Linear):
 
 @pytest.mark.parametrize("case", ["trainable-base", "hook", "subclass", "autocast", "dtype"])
 def test_falls_back_to_the_plain_path(case: str) -> None:
-    model, layer = lora_mlp()
+    _model, layer = lora_mlp()
     x = torch.randn(4, 8)
     seen = []
     if case == "trainable-base":

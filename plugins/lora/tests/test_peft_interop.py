@@ -39,7 +39,7 @@ def test_peftkit_adapter_loads_in_peft(kind: str, options: dict, tmp_path: Path)
 
     theirs = peft.PeftModel.from_pretrained(fresh(kind), tmp_path).eval()
 
-    torch.testing.assert_close(logits(theirs, inputs), logits(ours, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(theirs, inputs), logits(ours, inputs), rtol=1e-4, atol=5e-4)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
 
@@ -53,7 +53,7 @@ def test_peft_adapter_loads_in_peftkit(kind: str, options: dict, tmp_path: Path)
 
     ours = peftkit.PeftModel.from_pretrained(fresh(kind), tmp_path).eval()
 
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-4, atol=5e-4)
     assert not any(p.requires_grad for p in ours.parameters()), "a loaded adapter is frozen unless is_trainable"
 
 
@@ -79,11 +79,11 @@ def test_embedding_lora_both_ways(tmp_path: Path) -> None:
     theirs = peft.get_peft_model(fresh("llama"), peft.LoraConfig(**config)).eval()
     theirs.save_pretrained(tmp_path / "theirs")  # PEFT also saves the whole embedding here
     ours = peftkit.PeftModel.from_pretrained(fresh("llama"), tmp_path / "theirs").eval()
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-4, atol=5e-4)
 
     ours.save_pretrained(tmp_path / "ours")
     back = peft.PeftModel.from_pretrained(fresh("llama"), tmp_path / "ours").eval()
-    torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(back, inputs), logits(theirs, inputs), rtol=1e-4, atol=5e-4)
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
@@ -97,6 +97,6 @@ def test_trained_biases_move_both_ways(bias: str, tmp_path: Path) -> None:
                 param.add_(0.5)
     theirs.eval().save_pretrained(tmp_path / "theirs")
     ours = peftkit.PeftModel.from_pretrained(fresh("gpt2"), tmp_path / "theirs").eval()
-    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(ours, inputs), logits(theirs, inputs), rtol=1e-4, atol=5e-4)
     ours.save_pretrained(tmp_path / "ours")
     assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()

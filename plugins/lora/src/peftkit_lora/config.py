@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from peftkit import ConfigError, PeftConfig
 
-InitLora = Union[bool, Literal["gaussian"]]
+InitLora = bool | Literal["gaussian"]
 _INITS = (True, False, "gaussian")
 _BIASES = ("none", "all", "lora_only")
 
