@@ -146,6 +146,9 @@ def _atomic_write(target: Path, write: Any) -> None:
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; saved adapters get the usual permissions
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

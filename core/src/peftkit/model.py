@@ -233,9 +233,9 @@ class PeftModel(nn.Module):
         reference = next((t for t in (*args, *inputs.values()) if isinstance(t, torch.Tensor)), None)
         if reference is None:
             raise ValueError("adapter_names needs tensor inputs to know the batch size")
-        names = [n for n in names for _ in range(expand)]
         if len(names) != reference.shape[0]:
-            raise ValueError(f"adapter_names has {len(names) // expand} entries but the batch has {reference.shape[0] // expand} rows")
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {reference.shape[0]} rows")
+        names = [n for n in names for _ in range(expand)]  # generate() repeats each row for beams / return sequences
         used = list(dict.fromkeys(n for n in names if n != BASE))
         for name in used:
             adapter = self._require(name)

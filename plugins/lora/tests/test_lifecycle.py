@@ -110,3 +110,15 @@ def test_trainer_trains_unchanged(tmp_path: Path) -> None:
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".lora_" in n for n in changed)
     assert any(".lora_B." in n for n in changed)
+
+
+def test_generate_with_adapter_per_row_and_beams(tmp_path: Path) -> None:
+    model, _ = two_adapters("llama", tmp_path)
+    prompt = sample_inputs("llama")["input_ids"][:2]
+    options = {"max_new_tokens": 3, "do_sample": False, "num_beams": 2, "num_return_sequences": 2}
+    mixed = model.generate(input_ids=prompt, adapter_names=["default", "other"], **options)
+    first = model.generate(input_ids=prompt, **options)
+    model.set_adapter("other")
+    second = model.generate(input_ids=prompt, **options)
+    torch.testing.assert_close(mixed[:2], first[:2])  # prompt 0's two returned sequences
+    torch.testing.assert_close(mixed[2:], second[2:])
