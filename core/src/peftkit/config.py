@@ -94,12 +94,6 @@ class PeftConfig:
         except TypeError as exc:
             raise ConfigError(f"invalid {cls.peft_type} config: {exc}") from exc
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``adapter_config.json`` into ``directory`` (not atomic; see :mod:`peftkit.io`)."""
-        path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
 
 def _is_empty(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
