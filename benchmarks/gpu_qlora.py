@@ -12,8 +12,10 @@ the timed steps after the warm-up ones.
 
 Variants: ``peft`` (peft.prepare_model_for_kbit_training + peft.get_peft_model),
 ``peftkit`` (peftkit_qlora.prepare_model_for_kbit_training + peftkit.get_peft_model),
-``peftkit-offload`` (the same, checkpointed activations kept in host memory),
-``peftkit-bf16-lora`` (the same as peftkit, with the LoRA weights themselves in bf16).
+``peft-fused-adamw`` / ``peftkit-fused-adamw`` (the same with ``AdamW(fused=True)``, what
+transformers' Trainer uses by default), ``peftkit-offload`` (checkpointed activations kept in
+host memory; needs transformers >= 5.23), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16).
+Peaks are also given per phase of a step (forward, backward, optimizer step).
 
     python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
     python benchmarks/gpu_qlora.py                 # on a GPU: every variant, writes benchmarks/results/gpu_qlora.md
@@ -49,8 +51,8 @@ TINY = {
     "vocab_size": 512,
 }
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-VARIANTS = ("peft", "peftkit", "peftkit-offload", "peftkit-bf16-lora")
-DEFAULT_VARIANTS = ",".join(VARIANTS)
+VARIANTS = ("peft", "peftkit", "peft-fused-adamw", "peftkit-fused-adamw", "peftkit-offload", "peftkit-bf16-lora")
+DEFAULT_VARIANTS = "peft,peftkit,peft-fused-adamw,peftkit-fused-adamw"
 GIB = 2**30
 
 
@@ -128,7 +130,7 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
         folder, quantization_config=quantization, dtype=torch.bfloat16, device_map=device_map
     )
     load_s = time.perf_counter() - start
-    if variant == "peft":
+    if variant.split("-")[0] == "peft":
         import peft
 
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
@@ -146,7 +148,7 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
                     param.data = param.data.to(torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4)
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 
@@ -170,9 +172,28 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
         sync()
         times.append(time.perf_counter() - began)
         losses.append(loss.item())
+    peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else 0
+    phase_gib = None
+    if args.phases and cuda:  # one more step, synchronizing between phases (not timed)
+        phase_gib = {}
+
+        def phase_done(phase: str) -> None:
+            torch.cuda.synchronize(device)
+            phase_gib[phase] = torch.cuda.max_memory_allocated(device) / GIB
+            torch.cuda.reset_peak_memory_stats(device)
+
+        torch.cuda.reset_peak_memory_stats(device)
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        phase_done("forward")
+        loss.backward()
+        phase_done("backward")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        phase_done("optimizer step")
     return {
         "variant": variant,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / GIB if cuda else None,
+        "peak_gib": peak_bytes / GIB if cuda else None,
+        "phase_gib": phase_gib,
         "setup_gib": setup_bytes / GIB if cuda else None,
         "median_ms": 1000 * statistics.median(times[args.warmup :]),
         "trainable": sum(p.numel() for p in params),
@@ -209,25 +230,28 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, shape: dict[s
         (
             f"Model: Llama shape {shape}, random bf16 weights loaded 4-bit (NF4, double quantization, bf16 compute) "
             f"by transformers' BitsAndBytesConfig. LoRA r=16, alpha 32, dropout 0.05, all linear layers; gradient "
-            f"checkpointing; batch {args.batch} x {args.seq_len} tokens; torch.optim.AdamW (lr 2e-4). Peak = "
+            f"checkpointing; batch {args.batch} x {args.seq_len} tokens; torch.optim.AdamW (lr 2e-4; fused=True in the fused-adamw variants). Peak = "
             f"torch.cuda.max_memory_allocated over the {args.warmup} warm-up + {args.steps} timed steps (reset "
             f"after loading); step time = median of the timed steps. One fresh process per variant."
         ),
         "",
         f"Environment: {_environment(args.device)}.",
         "",
+        "peak by phase = the peak within the forward, backward and optimizer step of one extra (untimed) step.",
+        "",
         (
-            "| variant | peak GiB | median step ms | step time vs PEFT | after-load GiB | trainable params "
-            "| embeddings | loss first -> last |"
+            "| variant | peak GiB | median step ms | step time vs PEFT | after-load GiB | peak by phase GiB "
+            "| trainable params | embeddings | loss first -> last |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a (CPU)"
         setup = f"{row['setup_gib']:.2f}" if row["setup_gib"] is not None else "n/a"
         ratio = f"{row['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+        phases = " / ".join(f"{k} {v:.2f}" for k, v in (row["phase_gib"] or {}).items()) or "-"
         lines.append(
-            f"| {row['variant']} | {peak} | {row['median_ms']:.0f} | {ratio} | {setup} | {row['trainable']:,} | "
+            f"| {row['variant']} | {peak} | {row['median_ms']:.0f} | {ratio} | {setup} | {phases} | {row['trainable']:,} | "
             f"{row['embedding_dtype']} | {row['loss_first']:.3f} -> {row['loss_last']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -248,6 +272,7 @@ def main() -> None:
         "--output", type=Path, default=None, help=f"markdown table (default {RESULTS}; --tiny: under {CACHE})"
     )
     parser.add_argument("--prepare-only", action="store_true", help="write the random weights and stop")
+    parser.add_argument("--phases", action="store_true", help="also the peak of each phase (synchronizes between them)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     shape = TINY if args.tiny else LLAMA_7B
@@ -287,6 +312,7 @@ def main() -> None:
             str(args.warmup),
             "--steps",
             str(args.steps),
+            *(["--phases"] if args.phases else []),
         ]
         command += ["--tiny"] if args.tiny else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)

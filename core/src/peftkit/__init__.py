@@ -1,8 +1,8 @@
 """peftkit: parameter-efficient fine-tuning whose methods are plugins.
 
 Importing ``peftkit`` is cheap: the torch-backed names (``PeftModel``,
-``get_peft_model``, ``Adapter``) load on first use, so listing plugins never
-imports torch.
+``get_peft_model``, ``Adapter``, ``LayerAdapter``) load on first use, so
+listing plugins never imports torch.
 """
 
 from __future__ import annotations
@@ -20,17 +20,23 @@ from peftkit.errors import (
     PeftkitError,
     PluginError,
 )
+from peftkit.hookimpls import method_hooks
 from peftkit.hookspecs import hookimpl
 from peftkit.methods import MethodSpec
 from peftkit.plugins import get_registry, make_config
 
 if TYPE_CHECKING:
-    from peftkit.adapter import Adapter
+    from peftkit.adapter import Adapter, LayerAdapter
     from peftkit.model import PeftModel, get_peft_model
 
 __version__ = "0.1.0"
 
-_LAZY = {"PeftModel": "peftkit.model", "get_peft_model": "peftkit.model", "Adapter": "peftkit.adapter"}
+_LAZY = {
+    "PeftModel": "peftkit.model",
+    "get_peft_model": "peftkit.model",
+    "Adapter": "peftkit.adapter",
+    "LayerAdapter": "peftkit.adapter",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -44,6 +50,7 @@ __all__ = [
     "AdapterLoadError",
     "ConfigError",
     "InjectError",
+    "LayerAdapter",
     "MergeError",
     "MethodNotInstalledError",
     "MethodSpec",
@@ -55,4 +62,5 @@ __all__ = [
     "get_registry",
     "hookimpl",
     "make_config",
+    "method_hooks",
 ]

@@ -4,7 +4,8 @@ A method plugin is a module (named by an entry point in the ``peftkit`` group)
 with functions decorated by :data:`peftkit.hookimpl`. Every hook but the
 registration hook is ``firstresult``: an implementation returns ``None`` for a
 config that is not its own method, and the core turns "nobody answered" into
-an error that names the package to install.
+an error that names the package to install. :func:`peftkit.method_hooks`
+builds the usual implementations of the four per-adapter hooks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Adapter folders on disk and on the Hub: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Reading validates before trusting (JSON object, safetensors header within the
-file); nothing is ever unpickled. Writing is atomic per file: a save that is
+file, tensors that fit the adapter: :func:`check_tensors`); nothing is ever unpickled. Writing is atomic per file: a save that is
 interrupted leaves the previous adapter in place.
 """
 
@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,6 +123,34 @@ def read_tensors(directory: Path) -> dict[str, Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterLoadError(f"{path} is corrupt: {exc}") from None
+
+
+def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], what: str, hint: str) -> None:
+    """Raise ``AdapterLoadError`` unless ``tensors`` has exactly the keys of ``expected``, each of the same shape.
+
+    ``expected`` is usually the adapter's own ``state_dict()``. The message is
+    "<what> does not fit this model (<problems>); <hint>", naming up to five
+    missing keys, unexpected keys and shape mismatches each.
+    """
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = [
+        f"{label} {first_few(items)}"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
+        if items
+    ]
+    if problems:
+        raise AdapterLoadError(f"{what} does not fit this model ({'; '.join(problems)}); {hint}")
+
+
+def first_few(items: Sequence[str], count: int = 5) -> str:
+    """``items`` joined by commas, cut after ``count`` with "and N more", for error messages."""
+    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
 def write_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, Tensor]) -> None:

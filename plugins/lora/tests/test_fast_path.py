@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate.hooks import ModelHook, add_hook_to_module
 from torch import nn
 
 import peftkit
@@ -101,7 +102,7 @@ class SubclassedLinear(nn.Linear):
     """Stands for a quantized or otherwise special base layer."""
 
 
-@pytest.mark.parametrize("case", ["trainable-base", "hook", "subclass", "autocast", "dtype"])
+@pytest.mark.parametrize("case", ["trainable-base", "hook", "accelerate-hook", "subclass", "autocast", "dtype"])
 def test_falls_back_to_the_plain_path(case: str) -> None:
     _model, layer = lora_mlp()
     x = torch.randn(4, 8)
@@ -110,6 +111,8 @@ def test_falls_back_to_the_plain_path(case: str) -> None:
         layer.base_layer.weight.requires_grad_(True)
     elif case == "hook":
         layer.base_layer.register_forward_hook(lambda *args: seen.append(True))
+    elif case == "accelerate-hook":  # accelerate wraps forward itself (e.g. to bring offloaded weights in)
+        add_hook_to_module(layer.base_layer, ModelHook())
     elif case == "subclass":
         special = SubclassedLinear(8, 8).requires_grad_(False)
         special.load_state_dict(layer.base_layer.state_dict())

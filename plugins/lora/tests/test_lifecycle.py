@@ -57,6 +57,48 @@ def test_mixed_batch_matches_each_adapter_alone(kind: str, tmp_path: Path) -> No
     torch.testing.assert_close(logits(model, inputs), alone["default"], rtol=0, atol=0)  # no rows left behind
 
 
+def test_mixed_batch_with_other_ranks_and_targets() -> None:
+    """Adapters of different ranks, one of them on fewer layers: each row still gets exactly its own adapter."""
+    inputs = three_rows("llama")
+    torch.manual_seed(3)
+    model = peftkit.get_peft_model(fresh("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    alone = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        alone[name] = logits(model, inputs)
+    with model.disable_adapter():
+        alone["__base__"] = logits(model, inputs)
+    names = ["other", "default", "__base__"]
+    mixed = logits(model, inputs, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_batch_gradients_reach_each_rows_adapter() -> None:
+    inputs = three_rows("llama")
+    torch.manual_seed(4)
+    model = peftkit.get_peft_model(fresh("llama"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    names = ["other", "default", "other"]
+    lora_params = [p for n, p in model.named_parameters() if "lora_" in n]
+    for param in lora_params:
+        param.requires_grad_(True)  # both adapters train (only the active one does by default)
+    model(**inputs, adapter_names=names).logits.sum().backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+    model.zero_grad()
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        for param in lora_params:
+            param.requires_grad_(True)
+        rows = [i for i, n in enumerate(names) if n == name]
+        model(**{k: v[rows] for k, v in inputs.items()}).logits.sum().backward()
+    for pname, param in model.named_parameters():
+        if "lora_" in pname:
+            torch.testing.assert_close(mixed[pname], param.grad, atol=1e-5, rtol=1e-4, msg=pname)
+
+
 def test_mixed_batch_errors(tmp_path: Path) -> None:
     model, _ = two_adapters("llama", tmp_path)
     inputs = sample_inputs("llama")

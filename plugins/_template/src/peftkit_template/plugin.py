@@ -3,24 +3,24 @@
 Keep this module free of torch imports: ``peftkit methods`` imports every
 plugin just to list it. The torch code in ``shift.py`` loads inside the hooks.
 
-Every hook but registration is "first result": return ``None`` for a config
-that is not yours, so that the core asks the next plugin.
+Every hook but registration is "first result": it returns ``None`` for a
+config that is not yours, so that the core asks the next plugin.
+:func:`peftkit.method_hooks` writes those four hooks: each answers only for
+``ShiftConfig``, the first ``peftkit_inject`` imports ``shift.py`` and calls
+its ``inject``, the others call the ``ShiftAdapter`` it returned. pluggy finds
+them by the module-level names they are assigned to. A method whose hooks do
+more writes those hooks out as ``@hookimpl`` functions (docs/hooks.md).
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftkit import MethodSpec, PeftConfig, hookimpl
+from peftkit import MethodSpec, hookimpl, method_hooks
 from peftkit_template.config import ShiftConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from torch import Tensor, nn
-
-    from peftkit_template.shift import ShiftAdapter
 
 
 @hookimpl
@@ -37,39 +37,6 @@ def peftkit_register_methods(register: Callable[[MethodSpec], None]) -> None:
     )
 
 
-@hookimpl
-def peftkit_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> ShiftAdapter | None:
-    if not isinstance(config, ShiftConfig):
-        return None
-    from peftkit_template.shift import inject
-
-    return inject(model, config, adapter_name)
-
-
-@hookimpl
-def peftkit_forward(
-    adapter: ShiftAdapter, config: PeftConfig, inputs: dict[str, Any], rows: dict[str, Tensor] | None
-) -> AbstractContextManager[dict[str, Any]] | None:
-    if not isinstance(config, ShiftConfig):
-        return None
-    return adapter.route_rows(inputs, rows)
-
-
-@hookimpl
-def peftkit_state_dict(
-    adapter: ShiftAdapter, config: PeftConfig, tensors: dict[str, Tensor] | None
-) -> dict[str, Tensor] | None:
-    if not isinstance(config, ShiftConfig):
-        return None
-    if tensors is None:  # saving: hand the core the tensors under their disk keys
-        return adapter.state_dict()
-    adapter.load_state_dict(tensors)  # loading: raises AdapterLoadError if they do not fit
-    return {}
-
-
-@hookimpl
-def peftkit_merge(adapter: ShiftAdapter, config: PeftConfig, action: str) -> bool | None:
-    if not isinstance(config, ShiftConfig):
-        return None
-    {"merge": adapter.merge, "unmerge": adapter.unmerge, "unload": adapter.unload}[action]()
-    return True
+peftkit_inject, peftkit_forward, peftkit_state_dict, peftkit_merge = method_hooks(
+    ShiftConfig, "peftkit_template.shift:inject"
+)

@@ -7,15 +7,14 @@ Imported by the hooks in ``plugin.py`` only when an adapter is first used, so
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterLoadError, MergeError
-from peftkit.io import PEFT_PREFIX
+from peftkit import LayerAdapter, MergeError
+from peftkit.io import PEFT_PREFIX, check_tensors
 from peftkit.targeting import get_submodule_parent, name_matches, select_modules
 from peftkit_template.config import ShiftConfig
 
@@ -24,7 +23,9 @@ class ShiftLayer(nn.Module):
     """Wraps a Linear/Conv1D as ``base_layer`` and adds the active adapter's vector to its output.
 
     Plain torch: the forward pass reads one attribute to know the active
-    adapter, and never calls back into peftkit.
+    adapter, and never calls back into peftkit. ``active``, ``rows``,
+    ``adapter_names``, ``remove_adapter``, ``merge`` and ``unmerge`` are what
+    :class:`peftkit.LayerAdapter` drives.
     """
 
     is_peftkit_wrapper = True  # tells peftkit.targeting not to select modules inside this one
@@ -42,6 +43,10 @@ class ShiftLayer(nn.Module):
         """The base layer's weight: some models read it from their layers (T5 checks ``wo.weight.dtype``)."""
         return self.base_layer.weight  # type: ignore[return-value]
 
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.shift)
+
     def add(self, name: str, init_zero: bool) -> None:
         weight = self.weight
         features = weight.shape[1] if isinstance(self.base_layer, Conv1D) else weight.shape[0]  # Conv1D: (in, out)
@@ -49,6 +54,25 @@ class ShiftLayer(nn.Module):
         if not init_zero:
             vector.normal_()
         self.shift[name] = nn.Parameter(vector)
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``; the adapter unwraps the layer once none is left."""
+        del self.shift[name]
+        if name in self.merged:
+            self.merged.remove(name)  # merge_and_unload: the bias keeps the vector
+        if self.active == name:
+            self.active = None
+
+    def merge(self, name: str) -> None:
+        """Fold the vector into the base layer's bias (the adapter checked that there is one)."""
+        with torch.no_grad():
+            self.base_layer.bias += self.shift[name]
+        self.merged.append(name)
+
+    def unmerge(self, name: str) -> None:
+        with torch.no_grad():
+            self.base_layer.bias -= self.shift[name]
+        self.merged.remove(name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
@@ -62,94 +86,37 @@ class ShiftLayer(nn.Module):
         return out + self.shift[self.active]
 
 
-class ShiftAdapter(Adapter):
-    """One shift adapter: the layers it lives in. The core hands it back to every hook."""
+class ShiftAdapter(LayerAdapter):
+    """One shift adapter: the layers it lives in. The core hands it back to every hook.
 
-    def __init__(self, name: str, config: ShiftConfig, model: nn.Module, layers: dict[str, ShiftLayer]) -> None:
-        super().__init__(name, config, list(layers))
-        self.model = model
-        self.layers = layers
+    :class:`peftkit.LayerAdapter` switches it on and off, routes mixed batches,
+    merges and unloads it through the layers; what is left is the method's own.
+    """
+
+    layers: dict[str, ShiftLayer]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers.values():
             yield layer.shift[self.name]
 
-    def set_active(self, active: bool) -> None:
-        for layer in self.layers.values():
-            if active:
-                layer.active = self.name
-            elif layer.active == self.name:
-                layer.active = None
-
-    @contextmanager
-    def route_rows(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
-        """For one call: tell each layer which batch rows use which adapter (the inputs pass unchanged)."""
-        for layer in self.layers.values():
-            layer.rows = rows
-        try:
-            yield inputs
-        finally:
-            for layer in self.layers.values():
-                layer.rows = None
-
-    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under their disk keys: ``base_model.model.<module>.shift`` (no adapter name)."""
         return {f"{PEFT_PREFIX}{t}.shift": layer.shift[self.name].detach() for t, layer in self.layers.items()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved vectors in; check every key and shape first, so an error changes nothing."""
-        expected = self.state_dict()
-        problems = []
-        if missing := sorted(set(expected) - set(tensors)):
-            problems.append(f"missing keys {missing}")
-        if unexpected := sorted(set(tensors) - set(expected)):
-            problems.append(f"unexpected keys {unexpected}")
-        wrong = [
-            f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-            for k, v in tensors.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        if wrong:
-            problems.append(f"shape mismatches {wrong}")
-        if problems:
-            raise AdapterLoadError(f"shift adapter does not fit this model ({'; '.join(problems)})")
+        check_tensors(tensors, self.state_dict(), "shift adapter", "is it for another base model?")
         with torch.no_grad():
             for target, layer in self.layers.items():
                 vector = layer.shift[self.name]
                 vector.copy_(tensors[f"{PEFT_PREFIX}{target}.shift"].to(vector.dtype))
 
-    # ---------------------------------------------------------------- merge
     def merge(self) -> None:
         """Add each vector to its layer's bias; refuse (changing nothing) if any target has no bias."""
         no_bias = [t for t, layer in self.layers.items() if getattr(layer.base_layer, "bias", None) is None]
         if no_bias:
             raise MergeError(f"shift adapter {self.name!r} cannot merge: target modules without a bias: {no_bias}")
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.base_layer.bias += layer.shift[self.name]
-                layer.merged.append(self.name)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.base_layer.bias -= layer.shift[self.name]
-                layer.merged.remove(self.name)
-        self.merged = False
-
-    def unload(self) -> None:
-        """Remove this adapter; a layer left with no adapter is replaced by its original module."""
-        for target, layer in self.layers.items():
-            del layer.shift[self.name]
-            if self.name in layer.merged:
-                layer.merged.remove(self.name)  # merge_and_unload: the bias keeps the vector
-            if layer.active == self.name:
-                layer.active = None
-            if not len(layer.shift):
-                parent, attr = get_submodule_parent(self.model, target)
-                setattr(parent, attr, layer.base_layer)
-        self.layers = {}
+        super().merge()
 
 
 def _adaptable(module: nn.Module) -> bool:

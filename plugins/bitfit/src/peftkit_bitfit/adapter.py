@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterLoadError, InjectError, MergeError
-from peftkit.io import PEFT_PREFIX
+from peftkit import Adapter, InjectError, MergeError
+from peftkit.io import PEFT_PREFIX, check_tensors, first_few
 from peftkit.targeting import ALL_LINEAR, name_matches, output_head_names
 from peftkit_bitfit.config import BitFitConfig
 
@@ -73,22 +73,12 @@ class BitFitAdapter(Adapter):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved biases in, after checking every key and shape (nothing changes on error)."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        wrong = [
-            f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in tensors and tensors[k].shape != v.shape
-        ]
-        problems = [f"missing keys {_few(missing)}"] if missing else []
-        problems += [f"unexpected keys {_few(unexpected)}"] if unexpected else []
-        problems += [f"shape mismatches {_few(wrong)}"] if wrong else []
-        if problems:
-            raise AdapterLoadError(
-                f"BitFit adapter does not fit this model ({'; '.join(problems)}); is it for another base model, "
-                f"or were its target_modules / add_missing_biases changed?"
-            )
+        check_tensors(
+            tensors,
+            self.state_dict(),
+            "BitFit adapter",
+            "is it for another base model, or were its target_modules / add_missing_biases changed?",
+        )
         with torch.no_grad():
             for target, _, holder in self.holders():
                 bias = holder.trained[self.name]
@@ -100,7 +90,7 @@ class BitFitAdapter(Adapter):
         added = self.added_biases
         if added:
             raise MergeError(
-                f"BitFit adapter {self.name!r} added biases the base model does not have ({_few(added)}); merging "
+                f"BitFit adapter {self.name!r} added biases the base model does not have ({first_few(added)}); merging "
                 f"would change the model's architecture, so use it unmerged (add_missing_biases=True)"
             )
         with torch.no_grad():
@@ -131,10 +121,6 @@ class BitFitAdapter(Adapter):
                 host.bias = holder.original
                 delattr(host, HOLDER)
         self.hosts = {}
-
-
-def _few(items: list[str], count: int = 5) -> str:
-    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
 def _original_bias(module: nn.Module) -> nn.Parameter | None:
@@ -189,7 +175,7 @@ def select_hosts(model: nn.Module, config: BitFitConfig) -> dict[str, nn.Module]
             if config.add_missing_biases
             else "set add_missing_biases=True to give Linear layers a zero bias to train, or narrow target_modules"
         )
-        raise InjectError(f"BitFit target modules have no bias: {_few(lacking)}; {hint}")
+        raise InjectError(f"BitFit target modules have no bias: {first_few(lacking)}; {hint}")
     if not hosts:
         if config.target_modules is None:
             raise InjectError(

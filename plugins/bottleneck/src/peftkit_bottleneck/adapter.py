@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterLoadError, InjectError, MergeError
-from peftkit.io import PEFT_PREFIX
+from peftkit import InjectError, LayerAdapter, MergeError
+from peftkit.io import PEFT_PREFIX, check_tensors, first_few
 from peftkit.targeting import get_submodule_parent, name_matches, select_modules
 from peftkit_bottleneck.config import BottleneckConfig
 from peftkit_bottleneck.layers import BottleneckLayer
@@ -28,35 +26,14 @@ PLACEMENTS: dict[str, tuple[str, str]] = {
 }
 
 
-class BottleneckAdapter(Adapter):
+class BottleneckAdapter(LayerAdapter):
     """One bottleneck adapter: the wrapped modules holding its down- and up-projections."""
 
-    def __init__(self, name: str, config: BottleneckConfig, model: nn.Module, layers: dict[str, BottleneckLayer]):
-        super().__init__(name, config, list(layers))
-        self.model = model
-        self.layers = layers
+    layers: dict[str, BottleneckLayer]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers.values():
             yield from layer.bottleneck[self.name].parameters()
-
-    def set_active(self, active: bool) -> None:
-        for layer in self.layers.values():
-            if active:
-                layer.active = self.name
-            elif layer.active == self.name:
-                layer.active = None
-
-    @contextmanager
-    def route_rows(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
-        """Give every layer of this adapter the batch rows of each adapter for one call."""
-        for layer in self.layers.values():
-            layer.rows = rows
-        try:
-            yield inputs
-        finally:
-            for layer in self.layers.values():
-                layer.rows = None
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``base_model.model.<module>.bottleneck.{down,up}.{weight,bias}``, adapter name stripped."""
@@ -68,46 +45,25 @@ class BottleneckAdapter(Adapter):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved tensors in, after checking every key and shape (nothing changes on error)."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        wrong = [
-            f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in tensors and tensors[k].shape != v.shape
-        ]
-        problems = [f"missing keys {_few(missing)}"] if missing else []
-        problems += [f"unexpected keys {_few(unexpected)}"] if unexpected else []
-        problems += [f"shape mismatches {_few(wrong)}"] if wrong else []
-        if problems:
-            raise AdapterLoadError(
-                f"bottleneck adapter does not fit this model ({'; '.join(problems)}); is it for another base model, "
-                f"or were its adapter_type, reduction_factor or target_modules changed?"
-            )
+        check_tensors(
+            tensors,
+            self.state_dict(),
+            "bottleneck adapter",
+            "is it for another base model, or were its adapter_type, reduction_factor or target_modules changed?",
+        )
         with torch.no_grad():
             for target, layer in self.layers.items():
                 prefix = f"{PEFT_PREFIX}{target}.bottleneck."
                 for key, value in layer.bottleneck[self.name].state_dict(keep_vars=True).items():
                     value.copy_(tensors[prefix + key].to(value.dtype))
 
-    def refuse_merge(self) -> None:
+    def merge(self) -> None:
         raise MergeError(
             f"bottleneck adapter {self.name!r} cannot be merged: its non-linearity is not a change of the base "
             f"weights; keep it unmerged, or use unload() to remove it"
         )
 
-    def unload(self) -> None:
-        """Remove this adapter; modules left with no adapter go back to their original selves."""
-        for target, layer in self.layers.items():
-            layer.remove_adapter(self.name)
-            if not layer.adapter_names:
-                parent, attr = get_submodule_parent(self.model, target)
-                setattr(parent, attr, layer.base_layer)
-        self.layers = {}
-
-
-def _few(items: list[str], count: int = 5) -> str:
-    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
+    unmerge = merge
 
 
 def resolve_targets(model: nn.Module, config: BottleneckConfig) -> None:
@@ -157,7 +113,7 @@ def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> Bot
     targets = select_modules(model, config.target_modules, supported=_supported, is_linear=_is_linear, skip=skip)
     nested = [t for t in targets if any(t.startswith(o + ".") for o in targets)]
     if nested:
-        raise InjectError(f"target_modules select modules inside other targets ({_few(nested)}); pick one level")
+        raise InjectError(f"target_modules select modules inside other targets ({first_few(nested)}); pick one level")
     layers: dict[str, BottleneckLayer] = {}
     sizes: dict[str, int] = {}
     for target in targets:

@@ -6,18 +6,13 @@ first bottleneck adapter is injected.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftkit import MethodSpec, PeftConfig, hookimpl
+from peftkit import MethodSpec, hookimpl, method_hooks
 from peftkit_bottleneck.config import BottleneckConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from torch import Tensor, nn
-
-    from peftkit_bottleneck.adapter import BottleneckAdapter
 
 
 @hookimpl
@@ -34,42 +29,6 @@ def peftkit_register_methods(register: Callable[[MethodSpec], None]) -> None:
     )
 
 
-@hookimpl
-def peftkit_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> BottleneckAdapter | None:
-    if not isinstance(config, BottleneckConfig):
-        return None
-    from peftkit_bottleneck.adapter import inject
-
-    return inject(model, config, adapter_name)
-
-
-@hookimpl
-def peftkit_forward(
-    adapter: BottleneckAdapter, config: PeftConfig, inputs: dict[str, Any], rows: dict[str, Tensor] | None
-) -> AbstractContextManager[dict[str, Any]] | None:
-    if not isinstance(config, BottleneckConfig):
-        return None
-    return adapter.route_rows(inputs, rows)
-
-
-@hookimpl
-def peftkit_state_dict(
-    adapter: BottleneckAdapter, config: PeftConfig, tensors: dict[str, Tensor] | None
-) -> dict[str, Tensor] | None:
-    if not isinstance(config, BottleneckConfig):
-        return None
-    if tensors is None:
-        return adapter.state_dict()
-    adapter.load_state_dict(tensors)
-    return {}
-
-
-@hookimpl
-def peftkit_merge(adapter: BottleneckAdapter, config: PeftConfig, action: str) -> bool | None:
-    if not isinstance(config, BottleneckConfig):
-        return None
-    if action == "unload":
-        adapter.unload()
-    else:
-        adapter.refuse_merge()
-    return True
+peftkit_inject, peftkit_forward, peftkit_state_dict, peftkit_merge = method_hooks(
+    BottleneckConfig, "peftkit_bottleneck.adapter:inject"
+)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftkit import Adapter, AdapterLoadError, InjectError
-from peftkit.io import PEFT_PREFIX
+from peftkit import InjectError, LayerAdapter
+from peftkit.io import PEFT_PREFIX, check_tensors
 from peftkit.targeting import get_submodule_parent, name_matches, select_modules
 from peftkit_ia3.config import IA3Config
 from peftkit_ia3.layers import IA3Layer, ia3_layer_for
@@ -42,37 +40,15 @@ DEFAULT_MODULES: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
-class IA3Adapter(Adapter):
+class IA3Adapter(LayerAdapter):
     """One (IA)^3 adapter: the wrapped layers holding its vectors."""
 
-    def __init__(self, name: str, config: IA3Config, model: nn.Module, layers: dict[str, IA3Layer]) -> None:
-        super().__init__(name, config, list(layers))
-        self.model = model
-        self.layers = layers
+    layers: dict[str, IA3Layer]
 
     def parameters(self) -> Iterator[nn.Parameter]:
         for layer in self.layers.values():
             yield layer.ia3_l[self.name]
 
-    def set_active(self, active: bool) -> None:
-        for layer in self.layers.values():
-            if active:
-                layer.active = self.name
-            elif layer.active == self.name:
-                layer.active = None
-
-    @contextmanager
-    def route_rows(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
-        """Give every layer of this adapter the batch rows of each adapter for one call."""
-        for layer in self.layers.values():
-            layer.rows = rows
-        try:
-            yield inputs
-        finally:
-            for layer in self.layers.values():
-                layer.rows = None
-
-    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``base_model.model.<module>.ia3_l`` for every target, as Hugging Face PEFT writes them."""
         return {
@@ -81,57 +57,16 @@ class IA3Adapter(Adapter):
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy saved vectors in, after checking every key and shape (nothing changes on error)."""
-        expected = self.state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        wrong = [
-            f"{k}: file {tuple(tensors[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in tensors and tensors[k].shape != v.shape
-        ]
-        problems = [
-            f"{label} {_few(items)}"
-            for label, items in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", wrong),
-            )
-            if items
-        ]
-        if problems:
-            raise AdapterLoadError(
-                f"(IA)^3 adapter does not fit this model ({'; '.join(problems)}); is it for another base model, "
-                f"or were its feedforward_modules changed?"
-            )
+        check_tensors(
+            tensors,
+            self.state_dict(),
+            "(IA)^3 adapter",
+            "is it for another base model, or were its feedforward_modules changed?",
+        )
         with torch.no_grad():
             for target, layer in self.layers.items():
                 vector = layer.ia3_l[self.name]
                 vector.copy_(tensors[f"{PEFT_PREFIX}{target}.ia3_l"].to(vector.dtype))
-
-    # ---------------------------------------------------------------- merge
-    def merge(self) -> None:
-        for layer in self.layers.values():
-            layer.merge(self.name)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge(self.name)
-        self.merged = False
-
-    def unload(self) -> None:
-        """Remove this adapter; layers left with no adapter go back to their base module."""
-        for target, layer in self.layers.items():
-            layer._pre_merge.pop(self.name, None)  # merged weights stay as they are
-            layer.remove_adapter(self.name)
-            if not layer.adapter_names:
-                parent, attr = get_submodule_parent(self.model, target)
-                setattr(parent, attr, layer.base_layer)
-        self.layers = {}
-
-
-def _few(items: list[str], count: int = 5) -> str:
-    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
 def is_feedforward(name: str, feedforward_modules: list[str] | str) -> bool:

@@ -60,6 +60,7 @@ class IA3Layer(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         del self.ia3_l[name], self.is_feedforward[name]
+        self._pre_merge.pop(name, None)  # a merged adapter's weights stay as they are
         if self.active == name:
             self.active = None
 

@@ -4,26 +4,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
-from peftkit import Adapter, AdapterLoadError
-from peftkit.io import PEFT_PREFIX
+from peftkit import AdapterLoadError, LayerAdapter
+from peftkit.io import PEFT_PREFIX, check_tensors
 from peftkit.targeting import get_submodule_parent, name_matches, pattern_value, select_modules
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.layers import LoraLayer, MixedRows, lora_layer_for
 
 
-class LoraAdapter(Adapter):
+class LoraAdapter(LayerAdapter):
     """One LoRA adapter: the layers it lives in and the biases it trains."""
 
+    layers: dict[str, LoraLayer]
+
     def __init__(self, name: str, config: LoraConfig, model: nn.Module, layers: dict[str, LoraLayer]) -> None:
-        super().__init__(name, config, list(layers))
-        self.model = model
-        self.layers = layers
+        super().__init__(name, config, model, layers)
         self.biases = _trained_biases(model, layers, config.bias)
         self._original_biases = {k: p.detach().clone() for k, p in self.biases.items()}
 
@@ -34,24 +32,9 @@ class LoraAdapter(Adapter):
                 yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
         yield from self.biases.values()
 
-    def set_active(self, active: bool) -> None:
-        for layer in self.layers.values():
-            if active:
-                layer.active = self.name
-            elif layer.active == self.name:
-                layer.active = None
-
-    @contextmanager
-    def route_rows(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
-        """Give every layer of this adapter the batch rows of each adapter for one call."""
-        mixed = MixedRows(rows) if rows is not None else None
-        for layer in self.layers.values():
-            layer.rows = mixed
-        try:
-            yield inputs
-        finally:
-            for layer in self.layers.values():
-                layer.rows = None
+    def layer_rows(self, rows: dict[str, torch.Tensor]) -> MixedRows:
+        """The batch's rows grouped once per call, for every layer to share."""
+        return MixedRows(rows)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -74,25 +57,7 @@ class LoraAdapter(Adapter):
         expected = self.state_dict()
         given = dict(tensors)
         base_copies = {k: given.pop(k) for k in list(given) if self._is_saved_embedding(k)}
-        missing = sorted(set(expected) - set(given))
-        unexpected = sorted(set(given) - set(expected))
-        wrong = [
-            f"{k}: file {tuple(given[k].shape)}, model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in given and given[k].shape != v.shape
-        ]
-        problems = []
-        if missing:
-            problems.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            problems.append(f"unexpected keys {_few(unexpected)}")
-        if wrong:
-            problems.append(f"shape mismatches {_few(wrong)}")
-        if problems:
-            raise AdapterLoadError(
-                f"LoRA adapter does not fit this model ({'; '.join(problems)}); "
-                f"is it for another base model or were its files edited?"
-            )
+        check_tensors(given, expected, "LoRA adapter", "is it for another base model or were its files edited?")
         live = self._live_tensors()
         with torch.no_grad():
             for key, value in given.items():
@@ -126,33 +91,14 @@ class LoraAdapter(Adapter):
         target = key[len(PEFT_PREFIX) : -len(suffix)]
         return target in self.layers and isinstance(self.layers[target].base_layer, nn.Embedding)
 
-    # ---------------------------------------------------------------- merge
-    def merge(self) -> None:
-        for layer in self.layers.values():
-            layer.merge(self.name)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        for layer in self.layers.values():
-            layer.unmerge(self.name)
-        self.merged = False
-
+    # -------------------------------------------------------------- removal
     def unload(self) -> None:
-        """Remove this adapter; layers left with no adapter go back to their base module."""
-        for target, layer in self.layers.items():
-            layer.remove_adapter(self.name)
-            if not layer.adapter_names:
-                parent, attr = get_submodule_parent(self.model, target)
-                setattr(parent, attr, layer.base_layer)
+        """Remove this adapter; layers left with no adapter go back to their base module, biases to their values."""
+        super().unload()
         if not self.merged:
             with torch.no_grad():
                 for key, bias in self.biases.items():
                     bias.copy_(self._original_biases[key])
-        self.layers = {}
-
-
-def _few(items: list[str], count: int = 5) -> str:
-    return ", ".join(items[:count]) + (f" and {len(items) - count} more" if len(items) > count else "")
 
 
 def _trained_biases(model: nn.Module, layers: dict[str, LoraLayer], mode: str) -> dict[str, nn.Parameter]:

@@ -15,10 +15,17 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 It computes the same function as the plain path (dropout on the LoRA input,
 kept values scaled by ``1 / (1 - p)``), which the tests check against a
 float64 reference with ``gradcheck``.
+
+A base weight that is stored packed (QLoRA's 4-bit layers) comes in as a
+``dense_weight`` callable instead: the dense weight is rebuilt in forward and
+again in backward and never kept, as bitsandbytes' own matmul does. LoRA
+weights in another dtype than ``x`` (float32 master weights over a bf16
+model) are cast inside, and their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,68 +37,75 @@ class LoraLinearFunction(torch.autograd.Function):
     """``F.linear(x, weight, bias) + scaling * (dropout(x) @ lora_a.T) @ lora_b.T`` with a lean backward.
 
     ``weight`` and ``bias`` are the frozen base parameters (no gradient);
-    ``weight`` is in ``nn.Linear`` layout ``(out, in)``.
+    ``weight`` is in ``nn.Linear`` layout ``(out, in)``, or ``None`` with
+    ``dense_weight`` giving it on demand.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
         x: torch.Tensor,
-        weight: torch.Tensor,
+        weight: torch.Tensor | None,
         bias: torch.Tensor | None,
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scaling: float,
         dropout_p: float,
         seed: int,
+        dense_weight: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
-        h = (lora_in @ lora_a.T).mul_(scaling)
-        out = torch.addmm(bias, h, lora_b.T) if bias is not None else h @ lora_b.T
-        out.addmm_(flat_x, weight.T)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, h)
-        ctx.scaling, ctx.dropout_p, ctx.seed = scaling, dropout_p, seed
+        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+        h = (lora_in @ a.T).mul_(scaling)
+        out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
+        out.addmm_(flat_x, (weight if dense_weight is None else dense_weight()).T)
+        ctx.save_for_backward(x, weight, a, b, h)
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.dense_weight = scaling, dropout_p, seed, dense_weight
+        ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, lora_a, lora_b, h = ctx.saved_tensors
+        x, weight, a, b, h = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        grad_h = (flat_grad @ lora_b).mul_(ctx.scaling)  # (N, r)
+        grad_h = (flat_grad @ b).mul_(ctx.scaling)  # (N, r)
         grad_b = flat_grad.T @ h  # h already carries the scale
         p, seed = ctx.dropout_p, ctx.seed
         grad_a = grad_h.T @ (seeded_dropout(flat_x, p, seed) if p > 0 else flat_x)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ lora_a
+            grad_x = grad_h @ a
             if p > 0:
                 grad_x = seeded_dropout(grad_x, p, seed)  # the same mask, same shape as x
-            grad_x.addmm_(flat_grad, weight)
+            grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight())
             grad_x = grad_x.view_as(x)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        a_dtype, b_dtype = ctx.lora_dtypes
+        return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None
 
 
 def lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
     dropout_p: float,
+    dense_weight: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The fused LoRA linear; without autograd it runs the same forward and saves nothing."""
     seed = draw_seed() if dropout_p > 0 else 0
+    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, dense_weight)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
-        return LoraLinearFunction.apply(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        return LoraLinearFunction.apply(*args)
     with torch.no_grad():
-        return LoraLinearFunction.forward(_NoContext(), x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        return LoraLinearFunction.forward(_NoContext(), *args)
 
 
 class _NoContext:
     """Stands in for autograd's ctx when the forward runs without autograd."""
 
-    def save_for_backward(self, *tensors: torch.Tensor) -> None:
+    def save_for_backward(self, *tensors: torch.Tensor | None) -> None:
         pass

@@ -31,6 +31,15 @@ class MixedRows:
         for position, row_ids in enumerate(self.groups.values(), start=1):
             index[row_ids] = position
         self.index = index  # 0: no adapter; k: names[k - 1]
+        self._masks: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+
+    def column_mask(self, ranks: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, sum of ranks): 1 where a column belongs to the row's own adapter (``ranks`` follows ``names``)."""
+        key = (ranks, dtype)
+        if key not in self._masks:
+            owner = torch.repeat_interleave(torch.arange(1, len(ranks) + 1, device=self.index.device), torch.tensor(ranks, device=self.index.device))
+            self._masks[key] = (owner == self.index[:, None]).to(dtype).unsqueeze(1)
+        return self._masks[key]
 
 
 class LoraLayer(nn.Module):
@@ -160,60 +169,68 @@ class LoraLinear(LoraLayer):
         return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """All rows at once: gather each row's (A, B) from stacked weights, then two batched matmuls."""
+        """All rows at once: one matmul through every adapter's ``A``, zero the columns of other rows' adapters, one through the ``B``s.
+
+        The concatenated ``A`` (every adapter's rank side by side) reads the
+        input once, as a single adapter would; the extra FLOPs of the unused
+        columns are few, as ranks are small.
+        """
         rows = self.rows
         assert rows is not None
         if x.shape[0] != rows.index.shape[0]:
             raise ValueError(f"mixed batch: layer input has {x.shape[0]} rows, adapter_names {rows.index.shape[0]}")
         if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling):
             return super()._mixed_forward(x, result)  # per-adapter dropout: one pass per adapter
-        stacked_a, stacked_b = self._stacked(rows.names)
-        a, b = stacked_a[rows.index], stacked_b[rows.index]  # (batch, r, in), (batch, out, r)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
-        h = torch.bmm(flat, a.transpose(1, 2))
+        lora_a, lora_b, ranks = self._concatenated(rows.names)
+        if lora_a is None or lora_b is None:
+            return result  # none of the batch's adapters is on this layer
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_a.dtype) @ lora_a.T  # (batch, tokens, sum of ranks)
+        h.mul_(rows.column_mask(ranks, h.dtype))
+        flat_h, flat_out = h.reshape(-1, h.shape[-1]), result.reshape(-1, result.shape[-1])
         if result.dtype != h.dtype:
-            return result + torch.bmm(h, b.transpose(1, 2)).view(result.shape).to(result.dtype)
-        return torch.baddbmm(result.reshape(h.shape[0], -1, result.shape[-1]), h, b.transpose(1, 2)).view(result.shape)
+            return result + (flat_h @ lora_b.T).view(result.shape).to(result.dtype)
+        if torch.is_grad_enabled():
+            return torch.addmm(flat_out, flat_h, lora_b.T).view(result.shape)
+        return flat_out.addmm_(flat_h, lora_b.T).view(result.shape)
 
-    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adapters' A and scaled B stacked (slot 0 is zeros), padded to one rank; cached until weights change."""
+    def _concatenated(self, names: tuple[str, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
+        """The adapters' ``A`` stacked by rows and scaled ``B`` by columns, with each one's rank (0: not here).
+
+        Without gradients the result is cached until a weight or scale changes;
+        with them it is built anew each call, so that gradients reach each adapter.
+        """
         present = [n for n in names if n in self.scaling]
+        ranks = tuple(self.r.get(n, 0) for n in names)
+        if not present:
+            return None, None, ranks
         weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present]
+
+        def build() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+            lora_b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(present, weights)], dim=1)
+            return torch.cat([a for a, _ in weights]), lora_b, ranks
+
+        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights):
+            return build()
         key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights), tuple(self.scaling[n] for n in present))
-        cached = getattr(self, "_stack_cache", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        reference = self.lora_A[present[0]].weight if present else self.base_layer.weight
-        rank = max((self.r[n] for n in present), default=1)
-        stacked_a = reference.new_zeros(len(names) + 1, rank, self.in_features)
-        stacked_b = reference.new_zeros(len(names) + 1, self.out_features, rank)
-        with torch.no_grad():
-            for slot, name in enumerate(names, start=1):
-                if name in self.scaling:
-                    r = self.r[name]
-                    stacked_a[slot, :r] = self.lora_A[name].weight
-                    stacked_b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
-        self._stack_cache = (key, (stacked_a, stacked_b))
-        return stacked_a, stacked_b
+        cached = getattr(self, "_concat_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = self._concat_cache = (key, build())
+        return cached[1]
 
     def _fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
         """Whether the fused kernel computes exactly what the module composition would.
 
         It does not for quantized or subclassed base layers, a trainable base
-        weight or bias, mixed dtypes or autocast, hooks that expect to see the
-        base layer run, or inside ``torch.compile`` (which fuses the plain path).
+        weight or bias, mixed dtypes, or where :func:`fusable_call` says no.
         """
         base = self.base_layer
-        if type(base) not in (nn.Linear, Conv1D) or torch.compiler.is_compiling():
-            return False
-        if base._forward_hooks or base._forward_pre_hooks or module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks:
+        if type(base) not in (nn.Linear, Conv1D):
             return False
         weight, bias, lora_a = base.weight, base.bias, self.lora_A[name].weight
         if weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
-        if not (x.dtype == weight.dtype == lora_a.dtype) or not x.dtype.is_floating_point:
-            return False
-        return not torch.is_autocast_enabled(x.device.type)
+        return x.dtype == weight.dtype == lora_a.dtype and fusable_call(base, x)
 
     def _reset(self, name: str, init: bool | str) -> None:
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
@@ -286,6 +303,20 @@ class LoraConv2d(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         combined = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
         return combined * self.scaling[name]
+
+
+def fusable_call(base: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a fused kernel may stand in for calling ``base``: nothing must expect to see ``base`` run.
+
+    No forward hooks on it or global ones, no accelerate hook (which may move
+    offloaded weights in), no autocast, not inside ``torch.compile`` (which
+    fuses the plain path itself), and a floating-point input.
+    """
+    if torch.compiler.is_compiling() or not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return False
+    return not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
 
 def lora_layer_for(module: nn.Module) -> type[LoraLayer] | None:

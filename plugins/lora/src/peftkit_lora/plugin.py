@@ -6,18 +6,13 @@ first LoRA adapter is injected.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftkit import MethodSpec, PeftConfig, hookimpl
+from peftkit import MethodSpec, hookimpl, method_hooks
 from peftkit_lora.config import LoraConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from torch import Tensor, nn
-
-    from peftkit_lora.adapter import LoraAdapter
 
 
 @hookimpl
@@ -34,37 +29,6 @@ def peftkit_register_methods(register: Callable[[MethodSpec], None]) -> None:
     )
 
 
-@hookimpl
-def peftkit_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> LoraAdapter | None:
-    if not isinstance(config, LoraConfig):
-        return None
-    from peftkit_lora.adapter import inject
-
-    return inject(model, config, adapter_name)
-
-
-@hookimpl
-def peftkit_forward(
-    adapter: LoraAdapter, config: PeftConfig, inputs: dict[str, Any], rows: dict[str, Tensor] | None
-) -> AbstractContextManager[dict[str, Any]] | None:
-    if not isinstance(config, LoraConfig):
-        return None
-    return adapter.route_rows(inputs, rows)
-
-
-@hookimpl
-def peftkit_state_dict(adapter: LoraAdapter, config: PeftConfig, tensors: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
-    if not isinstance(config, LoraConfig):
-        return None
-    if tensors is None:
-        return adapter.state_dict()
-    adapter.load_state_dict(tensors)
-    return {}
-
-
-@hookimpl
-def peftkit_merge(adapter: LoraAdapter, config: PeftConfig, action: str) -> bool | None:
-    if not isinstance(config, LoraConfig):
-        return None
-    {"merge": adapter.merge, "unmerge": adapter.unmerge, "unload": adapter.unload}[action]()
-    return True
+peftkit_inject, peftkit_forward, peftkit_state_dict, peftkit_merge = method_hooks(
+    LoraConfig, "peftkit_lora.adapter:inject"
+)

@@ -44,8 +44,11 @@ class PrefixAdapter(Adapter):
         self.active = active
 
     @contextmanager
-    def session(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Give one forward or ``generate`` call the prefixes (nothing while the adapter is disabled)."""
+    def forward(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
+        """Give one forward or ``generate`` call the prefixes (nothing while the adapter is disabled).
+
+        Prefix methods take no mixed batches, so ``rows`` is always ``None``.
+        """
         if not self.active:
             yield inputs
             return
@@ -94,22 +97,13 @@ class PrefixAdapter(Adapter):
             if not len(container):
                 delattr(self.model, CONTAINER)
 
-    def state(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        """What a method's ``peftkit_state_dict`` hook returns: the tensors to save, or ``{}`` after loading."""
-        if tensors is None:
-            return self.state_dict()
-        self.load_state_dict(tensors)
-        return {}
+    def merge(self) -> None:
+        raise MergeError(
+            f"{self.config.peft_type} adapters cannot be merged: the prefixes are extra keys and values, "
+            f"not a change to any weight"
+        )
 
-    def merge_action(self, action: str) -> bool:
-        """What a method's ``peftkit_merge`` hook does: refuse to merge, or remove the adapter on "unload"."""
-        if action != "unload":
-            raise MergeError(
-                f"{self.config.peft_type} adapters cannot be merged: the prefixes are extra keys and values, "
-                f"not a change to any weight"
-            )
-        self.unload()
-        return True
+    unmerge = merge
 
 
 def attach(model: nn.Module, name: str, config: PeftConfig, table: PrefixTable, layout: PrefixLayout) -> PrefixAdapter:

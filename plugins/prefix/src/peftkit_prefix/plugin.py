@@ -6,18 +6,13 @@ first prefix-tuning adapter is injected.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftkit import MethodSpec, PeftConfig, hookimpl
+from peftkit import MethodSpec, hookimpl, method_hooks
 from peftkit_prefix.config import PROMPT_LEARNING_PREFIX, PrefixTuningConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-    from torch import Tensor, nn
-
-    from peftkit_prefix.adapter import PrefixAdapter
 
 
 @hookimpl
@@ -36,33 +31,6 @@ def peftkit_register_methods(register: Callable[[MethodSpec], None]) -> None:
     )
 
 
-def _owns(config: PeftConfig) -> bool:
-    return isinstance(config, PrefixTuningConfig)
-
-
-@hookimpl
-def peftkit_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> PrefixAdapter | None:
-    if not _owns(config):
-        return None
-    from peftkit_prefix.adapter import inject
-
-    return inject(model, config, adapter_name)  # type: ignore[arg-type]
-
-
-@hookimpl
-def peftkit_forward(
-    adapter: PrefixAdapter, config: PeftConfig, inputs: dict[str, Any], rows: dict[str, Tensor] | None
-) -> AbstractContextManager[dict[str, Any]] | None:
-    return adapter.session(inputs) if _owns(config) else None
-
-
-@hookimpl
-def peftkit_state_dict(
-    adapter: PrefixAdapter, config: PeftConfig, tensors: dict[str, Tensor] | None
-) -> dict[str, Tensor] | None:
-    return adapter.state(tensors) if _owns(config) else None
-
-
-@hookimpl
-def peftkit_merge(adapter: PrefixAdapter, config: PeftConfig, action: str) -> bool | None:
-    return adapter.merge_action(action) if _owns(config) else None
+peftkit_inject, peftkit_forward, peftkit_state_dict, peftkit_merge = method_hooks(
+    PrefixTuningConfig, "peftkit_prefix.adapter:inject"
+)

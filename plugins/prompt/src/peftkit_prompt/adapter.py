@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftkit import Adapter, AdapterLoadError, InjectError
+from peftkit import Adapter, AdapterLoadError, InjectError, MergeError
 from peftkit_prompt.calls import Layout, VirtualTokenCall, VirtualTokenInputError
 from peftkit_prompt.config import PromptLearningConfig
 
@@ -72,8 +72,11 @@ class VirtualTokenAdapter(Adapter):
         self.active = active
 
     @contextmanager
-    def call(self, inputs: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Hook the model for one forward or ``generate()``; the inputs pass through unchanged."""
+    def forward(self, inputs: dict[str, Any], rows: dict[str, torch.Tensor] | None) -> Iterator[dict[str, Any]]:
+        """Hook the model for one forward or ``generate()``; the inputs pass through unchanged.
+
+        Virtual-token methods take no mixed batches, so ``rows`` is always ``None``.
+        """
         if not self.active:
             yield inputs
             return
@@ -110,6 +113,13 @@ class VirtualTokenAdapter(Adapter):
                 f"is the adapter for another base model, or were num_virtual_tokens / num_prompts changed?"
             )
         self.module.load_saved_embeddings(tensors[SAVED_KEY])
+
+    def merge(self) -> None:
+        raise MergeError(
+            f"{self.config.peft_type} adds virtual tokens to the input; there is no weight to fold them into"
+        )
+
+    unmerge = merge
 
     def unload(self) -> None:
         """Remove this adapter's module; the store goes too when it is empty."""

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from peftkit import InjectError
-from peftkit_prompt.adapter import VirtualTokenModule
+from peftkit_prompt.adapter import VirtualTokenAdapter, VirtualTokenModule, inject_virtual_tokens
 from peftkit_prompt.config import PromptTuningConfig
 
 
@@ -44,6 +44,11 @@ class PromptEmbedding(VirtualTokenModule):
     def load_saved_embeddings(self, tensor: torch.Tensor) -> None:
         with torch.no_grad():
             self.embedding.weight.copy_(tensor.to(self.embedding.weight.dtype))
+
+
+def inject(model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> VirtualTokenAdapter:
+    """Add a prompt-tuning adapter: a :class:`PromptEmbedding` in the model's virtual-token store."""
+    return inject_virtual_tokens(model, config, adapter_name, lambda embeddings: PromptEmbedding(config, embeddings))
 
 
 def text_token_ids(config: PromptTuningConfig, count: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftkit_prompt.adapter import VirtualTokenModule
+from peftkit_prompt.adapter import VirtualTokenAdapter, VirtualTokenModule, inject_virtual_tokens
 from peftkit_ptuning.config import PromptEncoderConfig
 
 
@@ -65,3 +65,8 @@ class PromptEncoder(VirtualTokenModule):
             self.embedding.weight.copy_(tensor.to(self.embedding.weight.dtype))
         self.lstm_head = None  # the file holds the encoder's output: drop the encoder
         self.mlp_head = None
+
+
+def inject(model: nn.Module, config: PromptEncoderConfig, adapter_name: str) -> VirtualTokenAdapter:
+    """Add a P-tuning adapter: a :class:`PromptEncoder` in the model's virtual-token store."""
+    return inject_virtual_tokens(model, config, adapter_name, lambda embeddings: PromptEncoder(config, embeddings))

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit_lora.layers import LoraLinear
-from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, dequantized_weight
+from peftkit_lora.kernels import lora_linear
+from peftkit_lora.layers import LoraLinear, fusable_call
+from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dequantized_weight
 
 
 class QuantLoraLinear(LoraLinear):
@@ -20,13 +24,48 @@ class QuantLoraLinear(LoraLinear):
     A LoRA layer becomes one when its base is quantized (as
     ``torch.nn.utils.parametrize`` swaps a module's class), keeping every
     attribute and parameter.
+
+    Over a 4-bit base, a call with more than one input row runs as one
+    autograd function (:func:`peftkit_lora.kernels.lora_linear`) that
+    dequantizes the weight in forward and again in backward, keeping neither:
+    the base matmul, dropout and both LoRA products in a single node, instead
+    of bitsandbytes' matmul plus a handful of small autograd ops. Single-row
+    calls without gradients (token-by-token decoding) keep bitsandbytes'
+    own 4-bit kernel, which never builds the dense weight.
     """
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = self.active
+        if name is None or self.rows is not None or self.merged_adapters or args or kwargs:
+            return super().forward(x, *args, **kwargs)
+        if not self._quantized_fast_path_applies(x, name):
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        dense = functools.partial(_dense_4bit, base.weight, x.dtype)
+        return lora_linear(x, None, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dense)
+
+    def _quantized_fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
+        base = self.base_layer
+        if type(base) is not bnb().nn.Linear4bit or getattr(base.weight, "quant_state", None) is None:
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
+        lora_a = self.lora_A[name].weight
+        decoding = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad))
+        return not decoding and x.dtype == base.compute_dtype and lora_a.dtype.is_floating_point and fusable_call(base, x)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         hidden = F.linear(self.lora_dropout[name](x.to(dtype)), lora_a.to(dtype)) * self.scaling[name]
         return F.linear(hidden, lora_b.to(dtype))
+
+
+def _dense_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit weight dequantized, in ``dtype`` (what bitsandbytes' own 4-bit matmul multiplies by)."""
+    return bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 class MergedQuantLinear(nn.Linear):
