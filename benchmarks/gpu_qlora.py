@@ -13,7 +13,9 @@ the timed steps after the warm-up ones.
 Variants: ``peft`` (peft.prepare_model_for_kbit_training + peft.get_peft_model),
 ``peftkit`` (peftkit_qlora.prepare_model_for_kbit_training + peftkit.get_peft_model),
 ``peft-fused-adamw`` / ``peftkit-fused-adamw`` (the same with ``AdamW(fused=True)``, what
-transformers' Trainer uses by default), ``peftkit-offload`` (checkpointed activations kept in
+transformers' Trainer uses by default), ``peftkit-adamw-in-backward`` (the same AdamW, stepped
+bucket by bucket during backward by peftkit_qlora.OptimizerInBackward, so that the LoRA gradients
+never all exist at once), ``peftkit-offload`` (checkpointed activations kept in
 host memory; needs transformers >= 5.23), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16).
 Peaks are also given per phase of a step (forward, backward, optimizer step).
 
@@ -51,8 +53,16 @@ TINY = {
     "vocab_size": 512,
 }
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
-VARIANTS = ("peft", "peftkit", "peft-fused-adamw", "peftkit-fused-adamw", "peftkit-offload", "peftkit-bf16-lora")
-DEFAULT_VARIANTS = "peft,peftkit,peft-fused-adamw,peftkit-fused-adamw"
+VARIANTS = (
+    "peft",
+    "peftkit",
+    "peftkit-adamw-in-backward",
+    "peft-fused-adamw",
+    "peftkit-fused-adamw",
+    "peftkit-offload",
+    "peftkit-bf16-lora",
+)
+DEFAULT_VARIANTS = "peft,peftkit,peftkit-adamw-in-backward,peft-fused-adamw,peftkit-fused-adamw"
 GIB = 2**30
 
 
@@ -148,7 +158,11 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
                     param.data = param.data.to(torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
+    optimizer: Any = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
+    if variant == "peftkit-adamw-in-backward":
+        from peftkit_qlora import OptimizerInBackward
+
+        optimizer = OptimizerInBackward(params, torch.optim.AdamW, lr=2e-4)
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 

@@ -3,6 +3,7 @@
 Uses the weights benchmarks/gpu_qlora.py writes (run it with --prepare-only first).
 
     python benchmarks/profile_qlora.py peft|peftkit|peftkit-plain
+    python benchmarks/profile_qlora.py host-costs   # host time per launch of the ops a quantized LoRA layer runs
 
 ``peftkit-plain`` runs peftkit with its quantized LoRA layers forced onto the
 plain path (bitsandbytes' layer, then LoRA's modules), to compare with the
@@ -22,8 +23,40 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 from gpu_qlora import CACHE, LLAMA_7B, LORA, write_random_llama
 
 
+def host_costs() -> None:
+    """Host microseconds per call (no synchronisation inside the loop) of each op in a quantized LoRA layer's step."""
+    import bitsandbytes as bnb
+
+    from peftkit_lora.dropout import seeded_dropout
+
+    x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
+    dense = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16)
+    packed, state = bnb.functional.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+    a32 = torch.randn(16, 4096, device="cuda")
+    ops = {
+        "triton seeded dropout (1024 x 4096)": lambda: seeded_dropout(x, 0.05, 7),
+        "torch native dropout": lambda: torch.nn.functional.dropout(x, 0.05),
+        "bnb dequantize_4bit (11008 x 4096, nested)": lambda: bnb.functional.dequantize_4bit(packed, state),
+        "cast fp32 -> bf16 (16 x 4096)": lambda: a32.to(torch.bfloat16),
+        "cast + mm (1024 x 4096) @ (4096 x 16)": lambda: x @ a32.to(torch.bfloat16).T,
+    }
+    for name, op in ops.items():
+        for _ in range(20):
+            op()
+        torch.cuda.synchronize()
+        began = time.perf_counter()
+        for _ in range(500):
+            op()
+        host = (time.perf_counter() - began) / 500 * 1e6
+        torch.cuda.synchronize()
+        total = (time.perf_counter() - began) / 500 * 1e6
+        print(f"{name:>45}: host {host:7.1f} us/call, with GPU {total:7.1f} us/call")
+
+
 def main() -> None:
     variant = sys.argv[1]
+    if variant == "host-costs":
+        return host_costs()
     folder = write_random_llama(CACHE / "llama2-7b-random", LLAMA_7B)
     quantization = tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
     model = tf.AutoModelForCausalLM.from_pretrained(folder, quantization_config=quantization, dtype=torch.bfloat16, device_map={"": 0})

@@ -138,3 +138,14 @@ def test_torch_compile_has_no_graph_breaks_and_trains() -> None:
     model.train()
     compiled(x).sum().backward()
     assert model.base_model[0].lora_B["default"].weight.grad is not None
+
+
+def test_inference_cache_of_the_scaled_b_follows_weight_changes() -> None:
+    _model, layer = lora_mlp()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_output(layer, x))
+        layer.lora_B["default"].weight.add_(0.5)  # as an optimizer step or a load would
+        torch.testing.assert_close(layer(x), reference_output(layer, x))
+        layer.scaling["default"] *= 3
+        torch.testing.assert_close(layer(x), reference_output(layer, x))

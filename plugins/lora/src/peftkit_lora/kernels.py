@@ -8,8 +8,8 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
   low-rank product is written first and the base matmul accumulates onto it
   (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
-  the scale folded into the ``(N, r)`` intermediate; backward does the same for
-  the input gradient;
+  the scale folded into ``B`` (one small kernel that also casts it); backward
+  does the same for the input gradient;
 - backward stores only ``x`` (which q/k/v share) and the ``(N, r)`` product ``h``.
 
 It computes the same function as the plain path (dropout on the LoRA input,
@@ -56,8 +56,9 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
-        a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        h = (lora_in @ a.T).mul_(scaling)
+        a = lora_a.to(x.dtype)
+        b = lora_b if scaling == 1.0 and lora_b.dtype == x.dtype else _scaled(lora_b, scaling, x.dtype)
+        h = lora_in @ a.T
         out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
         out.addmm_(flat_x, (weight if dense_weight is None else dense_weight()).T)
         ctx.save_for_backward(x, weight, a, b, h)
@@ -70,8 +71,9 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, a, b, h = ctx.saved_tensors
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         flat_x = x.reshape(-1, x.shape[-1])
-        grad_h = (flat_grad @ b).mul_(ctx.scaling)  # (N, r)
-        grad_b = flat_grad.T @ h  # h already carries the scale
+        grad_h = flat_grad @ b  # (N, r); b carries the scale
+        a_dtype, b_dtype = ctx.lora_dtypes
+        grad_b = _scaled(flat_grad.T @ h, ctx.scaling, b_dtype)
         p, seed = ctx.dropout_p, ctx.seed
         grad_a = grad_h.T @ (seeded_dropout(flat_x, p, seed) if p > 0 else flat_x)
         grad_x = None
@@ -81,8 +83,12 @@ class LoraLinearFunction(torch.autograd.Function):
                 grad_x = seeded_dropout(grad_x, p, seed)  # the same mask, same shape as x
             grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight())
             grad_x = grad_x.view_as(x)
-        a_dtype, b_dtype = ctx.lora_dtypes
-        return grad_x, None, None, grad_a.to(a_dtype), grad_b.to(b_dtype), None, None, None, None
+        return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
+
+
+def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * t`` in ``dtype``: one kernel for the product and the cast."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
 def lora_linear(

@@ -166,7 +166,21 @@ class LoraLinear(LoraLayer):
         weight = base.weight.T if self.fan_in_fan_out else base.weight
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p)
+        return lora_linear(x, weight, base.bias, self.lora_A[name].weight, *self.lora_b_and_scaling(name, x.dtype), p)
+
+    def lora_b_and_scaling(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+        """``(B, scaling)`` for the fused kernel; without gradients, ``(scaling * B in dtype, 1.0)``, cached until B changes.
+
+        The cache spares inference one small kernel per layer and call.
+        """
+        lora_b, scaling = self.lora_B[name].weight, self.scaling[name]
+        if torch.is_grad_enabled():
+            return lora_b, scaling
+        key = (name, lora_b._version, lora_b.data_ptr(), scaling, dtype)
+        cached = getattr(self, "_scaled_b_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._scaled_b_cache = (key, (lora_b * scaling).to(dtype))
+        return cached[1], 1.0
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """All rows at once: one matmul through every adapter's ``A``, zero the columns of other rows' adapters, one through the ``B``s.

@@ -13,6 +13,7 @@ from peftkit_qlora.config import QLoraConfig
 
 if TYPE_CHECKING:
     from peftkit_qlora.adapt import QLoraMergeWarning, merge_and_unload
+    from peftkit_qlora.optim import OptimizerInBackward
     from peftkit_qlora.quantize import BitsAndBytesUnavailableError, QuantizationError, quantize_model
     from peftkit_qlora.training import prepare_model_for_kbit_training
 
@@ -25,6 +26,7 @@ _LAZY = {
     "prepare_model_for_kbit_training": "peftkit_qlora.training",
     "merge_and_unload": "peftkit_qlora.adapt",
     "QLoraMergeWarning": "peftkit_qlora.adapt",
+    "OptimizerInBackward": "peftkit_qlora.optim",
 }
 
 
@@ -36,6 +38,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BitsAndBytesUnavailableError",
+    "OptimizerInBackward",
     "QLoraConfig",
     "QLoraMergeWarning",
     "QuantizationError",

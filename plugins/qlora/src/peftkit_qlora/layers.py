@@ -44,7 +44,8 @@ class QuantLoraLinear(LoraLinear):
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         dense = functools.partial(_dense_4bit, base.weight, x.dtype)
-        return lora_linear(x, None, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p, dense)
+        lora_b, scaling = self.lora_b_and_scaling(name, x.dtype)
+        return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, dense)
 
     def _quantized_fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
         base = self.base_layer
