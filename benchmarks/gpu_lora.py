@@ -261,7 +261,12 @@ def dropout_check(device: str) -> dict[str, float]:
     ref_grads = torch.autograd.grad(ref.pow(2).mean(), [x64, a64, b64])
     errors = [((g.double() - r).norm() / r.norm()).item() for g, r in zip([out, *grads], [ref, *ref_grads])]
     other = seeded_dropout(torch.ones_like(x), p, seed + 1)
+    big = torch.randn(8192, 4096, device=device, dtype=torch.bfloat16)
+    copy_ms = timed(lambda: big.clone(), 5, 50, device)
+    dropout_ms = timed(lambda: seeded_dropout(big, p, seed), 5, 50, device)
     return {
+        "dropout_8192x4096_us": 1000 * dropout_ms,
+        "copy_8192x4096_us": 1000 * copy_ms,
         "dropout_fast_vs_fp64_max_rel": max(errors),
         "dropout_keep_fraction": (mask != 0).double().mean().item(),
         "dropout_masks_differ_by_seed": float(not torch.equal(mask != 0, other != 0)),
@@ -343,6 +348,8 @@ def render(results: dict[str, dict[str, float]], device: str, tiny: bool) -> str
         (f"bf16 check, relative error to a float64 reference (outputs and grads, worst): fast path {check.get('fast_vs_fp64_max_rel', float('nan')):.2e}, "
         f"plain path {check.get('plain_vs_fp64_max_rel', float('nan')):.2e}; with dropout 0.1 (seeded mask) {check.get('dropout_fast_vs_fp64_max_rel', float('nan')):.2e}, "
         f"kept fraction {check.get('dropout_keep_fraction', float('nan')):.4f}."),
+        (f"Seeded dropout of an 8192 x 4096 bf16 tensor: {check.get('dropout_8192x4096_us', float('nan')):.0f} us "
+        f"(a plain copy of it: {check.get('copy_8192x4096_us', float('nan')):.0f} us)."),
     ]
     if "graph_rel_error" in results.get("graph_peftkit", {}):
         lines.append(f"CUDA graph replay vs eager, relative error: {results['graph_peftkit']['graph_rel_error']:.2e}.")

@@ -88,6 +88,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``scale * t`` in ``dtype``: one kernel for the product and the cast."""
+    if t.dtype == dtype:
+        return t * scale
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
