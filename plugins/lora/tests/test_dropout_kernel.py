@@ -39,3 +39,12 @@ def test_elements_sharing_a_random_draw_are_independent() -> None:
     for lane in range(1, 8):
         agreement = (kept[:, 0] == kept[:, lane]).double().mean().item()
         assert abs(agreement - 0.5) < 0.02, (lane, agreement)
+
+
+def test_pair_uses_one_mask_for_both_tensors() -> None:
+    x = torch.randn(33, 70, device=DEVICE)
+    t = torch.randn(33, 70, device=DEVICE, dtype=torch.float16)
+    dropped_x, dropped_t = dropout._triton_dropout(x, 0.3, 9, t)
+    assert torch.equal(dropped_x, dropout._triton_dropout(x, 0.3, 9))
+    assert torch.equal(dropped_t != 0, dropped_x != 0)
+    torch.testing.assert_close(dropped_t, dropout._triton_dropout(t, 0.3, 9))

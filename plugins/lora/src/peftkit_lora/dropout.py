@@ -13,6 +13,7 @@ elements are scaled by ``1 / (1 - p)`` (in float32).
 from __future__ import annotations
 
 import functools
+from typing import overload
 
 import torch
 
@@ -27,6 +28,20 @@ def seeded_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if t.is_cuda and _triton_kernel() is not None:
         return _triton_dropout(t.contiguous(), p, seed)  # the mask follows the logical (row-major) index
     return t * _torch_mask(t, p, seed)
+
+
+def seeded_dropout_pair(x: torch.Tensor, t: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` and ``t`` (same shape) with the seed's one mask applied: one pass for both on CUDA.
+
+    The LoRA backward needs the dropped input (for ``A``'s gradient) and the
+    input gradient masked alike; one kernel draws the mask once for both.
+    """
+    if x.shape != t.shape:
+        raise ValueError(f"seeded_dropout_pair needs tensors of one shape, got {tuple(x.shape)} and {tuple(t.shape)}")
+    if x.is_cuda and _triton_kernel() is not None:
+        return _triton_dropout(x.contiguous(), p, seed, t.contiguous())
+    mask = _torch_mask(x, p, seed)
+    return x * mask, t * mask.to(t.dtype)
 
 
 def _torch_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -45,7 +60,7 @@ def _triton_kernel():  # type: ignore[no-untyped-def]
         return None
 
     @triton.jit
-    def dropout_kernel(src, dst, n, threshold, scale, seed, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def dropout_kernel(src, dst, src2, dst2, n, threshold, scale, seed, PAIR: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
         groups = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # 8 elements per Philox call
         r0, r1, r2, r3 = tl.randint4x(seed, groups)
         lane = tl.arange(0, 8)[None, :]
@@ -53,17 +68,29 @@ def _triton_kernel():  # type: ignore[no-untyped-def]
         bits = tl.where(lane % 2 == 0, word, word >> 16) & 0xFFFF
         offsets = groups[:, None] * 8 + lane
         inside = offsets < n
+        keep = bits >= threshold
         values = tl.load(src + offsets, mask=inside)
-        kept = tl.where(bits >= threshold, values.to(tl.float32) * scale, 0.0)
-        tl.store(dst + offsets, kept.to(values.dtype), mask=inside)
+        tl.store(dst + offsets, tl.where(keep, values.to(tl.float32) * scale, 0.0).to(values.dtype), mask=inside)
+        if PAIR:  # a second tensor under the same mask
+            others = tl.load(src2 + offsets, mask=inside)
+            tl.store(dst2 + offsets, tl.where(keep, others.to(tl.float32) * scale, 0.0).to(others.dtype), mask=inside)
 
     return dropout_kernel
 
 
-def _triton_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+@overload
+def _triton_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor: ...
+@overload
+def _triton_dropout(t: torch.Tensor, p: float, seed: int, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+def _triton_dropout(
+    t: torch.Tensor, p: float, seed: int, other: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(t)
+    other_out = out if other is None else torch.empty_like(other)
     n = t.numel()
     block = 4096
     threshold = round(p * 65536)  # an element is dropped when its 16 random bits fall below this
-    _triton_kernel()[((n + block - 1) // block,)](t, out, n, threshold, 1.0 / (1.0 - p), seed, BLOCK=block)
-    return out
+    grid = ((n + block - 1) // block,)
+    second = t if other is None else other
+    _triton_kernel()[grid](t, out, second, other_out, n, threshold, 1.0 / (1.0 - p), seed, PAIR=other is not None, BLOCK=block)
+    return out if other is None else (out, other_out)

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from peftkit_lora.dropout import draw_seed, seeded_dropout
+from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -75,14 +75,15 @@ class LoraLinearFunction(torch.autograd.Function):
         a_dtype, b_dtype = ctx.lora_dtypes
         grad_b = _scaled(flat_grad.T @ h, ctx.scaling, b_dtype)
         p, seed = ctx.dropout_p, ctx.seed
-        grad_a = grad_h.T @ (seeded_dropout(flat_x, p, seed) if p > 0 else flat_x)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_h @ a
-            if p > 0:
-                grad_x = seeded_dropout(grad_x, p, seed)  # the same mask, same shape as x
-            grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight())
-            grad_x = grad_x.view_as(x)
+        grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
+        lora_in = flat_x
+        if p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
+            lora_in, grad_x = seeded_dropout_pair(flat_x, grad_x, p, seed)
+        elif p > 0:
+            lora_in = seeded_dropout(flat_x, p, seed)
+        grad_a = grad_h.T @ lora_in
+        if grad_x is not None:
+            grad_x = grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight()).view_as(x)
         return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
 
 
