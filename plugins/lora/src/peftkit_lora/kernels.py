@@ -59,6 +59,7 @@ class LoraLinearFunction(torch.autograd.Function):
         a = lora_a.to(x.dtype)
         b = lora_b if scaling == 1.0 and lora_b.dtype == x.dtype else _scaled(lora_b, scaling, x.dtype)
         h = lora_in @ a.T
+        del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
         out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
         out.addmm_(flat_x, (weight if dense_weight is None else dense_weight()).T)
         ctx.save_for_backward(x, weight, a, b, h)
@@ -82,6 +83,7 @@ class LoraLinearFunction(torch.autograd.Function):
         elif p > 0:
             lora_in = seeded_dropout(flat_x, p, seed)
         grad_a = grad_h.T @ lora_in
+        del lora_in
         if grad_x is not None:
             grad_x = grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight()).view_as(x)
         return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
