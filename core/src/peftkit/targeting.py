@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 from torch import nn
@@ -61,20 +61,22 @@ def select_modules(
     exclude_modules: str | Sequence[str] | None = None,
     layers_to_transform: int | Sequence[int] | None = None,
     layers_pattern: str | Sequence[str] | None = None,
-    skip: Iterable[str] = (),
+    modules_to_save: str | Sequence[str] | None = None,
 ) -> list[str]:
     """Names of the modules the config selects, in model order.
 
     Modules inside a peftkit wrapper (a class with ``is_peftkit_wrapper = True``,
     such as an adapted layer's ``base_layer``) are never selected; the wrapper
-    itself is, under its original name.
+    itself is, under its original name. Modules that ``modules_to_save`` names
+    (the core trains copies of them in full) and their insides are never
+    selected either.
 
     Raises :class:`InjectError` when nothing matches, or when a selected module
     is of a type the method cannot wrap.
     """
     if target_modules is None:
         raise InjectError("target_modules is not set: name the modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
-    skipped = set(skip)
+    skipped = {n for n, _ in model.named_modules() if n and name_matches(n, modules_to_save)}
     all_linear = target_modules == ALL_LINEAR
     if all_linear:
         skipped |= output_head_names(model)

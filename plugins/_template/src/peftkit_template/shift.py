@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import LayerAdapter, MergeError
 from peftkit.io import PEFT_PREFIX, check_tensors
-from peftkit.targeting import get_submodule_parent, name_matches, select_modules
+from peftkit.targeting import get_submodule_parent, select_modules
 from peftkit_template.config import ShiftConfig
 
 
@@ -125,9 +125,13 @@ def _adaptable(module: nn.Module) -> bool:
 
 def inject(model: nn.Module, config: ShiftConfig, adapter_name: str) -> ShiftAdapter:
     """Wrap each target layer (or reuse its wrapper) and add the adapter's vector; return the handle."""
-    # Modules the core trains in full (modules_to_save, e.g. a classifier head) are not targets.
-    skip = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
-    targets = select_modules(model, config.target_modules, supported=_adaptable, is_linear=_adaptable, skip=skip)
+    targets = select_modules(
+        model,
+        config.target_modules,
+        supported=_adaptable,
+        is_linear=_adaptable,
+        modules_to_save=config.modules_to_save,  # the core trains those in full (e.g. a classifier head): not targets
+    )
     layers = {}
     for target in targets:  # build everything first, so that an error leaves the model unchanged
         module = model.get_submodule(target)

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from peftkit import InjectError
 from peftkit.io import PEFT_PREFIX
 from peftkit.model import PeftModel
-from peftkit.targeting import get_submodule_parent, name_matches, select_modules
+from peftkit.targeting import get_submodule_parent, select_modules
 from peftkit_adalora.allocator import AllocationError, RankAllocator
 from peftkit_adalora.config import AdaLoraConfig, module_rank_masks
 from peftkit_adalora.layers import SVDLayer, SVDLinear, svd_layer_for
@@ -141,7 +141,6 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> AdaLor
     A config with a ``rank_pattern`` (a trained adapter being loaded) gets each
     module at its kept rank, as PEFT resizes them on load.
     """
-    skip = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     targets = select_modules(
         model,
         config.target_modules,
@@ -150,7 +149,7 @@ def inject(model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> AdaLor
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
-        skip=skip,
+        modules_to_save=config.modules_to_save,
     )
     masks = module_rank_masks(config.rank_pattern or {}, config.init_r)
     unknown = sorted(set(masks) - set(targets))

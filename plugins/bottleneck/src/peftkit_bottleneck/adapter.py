@@ -10,7 +10,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import InjectError, LayerAdapter, MergeError
 from peftkit.io import PEFT_PREFIX, check_tensors, first_few
-from peftkit.targeting import get_submodule_parent, name_matches, select_modules
+from peftkit.targeting import get_submodule_parent, select_modules
 from peftkit_bottleneck.config import BottleneckConfig
 from peftkit_bottleneck.layers import BottleneckLayer
 
@@ -109,8 +109,9 @@ def _supported(module: nn.Module) -> bool:
 def inject(model: nn.Module, config: BottleneckConfig, adapter_name: str) -> BottleneckAdapter:
     """Wrap each target module (or add to its existing wrapper) and return the adapter."""
     resolve_targets(model, config)
-    skip = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
-    targets = select_modules(model, config.target_modules, supported=_supported, is_linear=_is_linear, skip=skip)
+    targets = select_modules(
+        model, config.target_modules, supported=_supported, is_linear=_is_linear, modules_to_save=config.modules_to_save
+    )
     nested = [t for t in targets if any(t.startswith(o + ".") for o in targets)]
     if nested:
         raise InjectError(f"target_modules select modules inside other targets ({first_few(nested)}); pick one level")

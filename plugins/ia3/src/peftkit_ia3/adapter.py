@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit import InjectError, LayerAdapter
 from peftkit.io import PEFT_PREFIX, check_tensors
-from peftkit.targeting import get_submodule_parent, name_matches, select_modules
+from peftkit.targeting import get_submodule_parent, select_modules
 from peftkit_ia3.config import IA3Config
 from peftkit_ia3.layers import IA3Layer, ia3_layer_for
 
@@ -105,14 +105,13 @@ def inject(model: nn.Module, config: IA3Config, adapter_name: str) -> IA3Adapter
     """Wrap each target in an (IA)^3 layer (or add to an existing one) and return the adapter."""
     resolve_defaults(model, config)
     assert config.feedforward_modules is not None
-    skip = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     targets = select_modules(
         model,
         config.target_modules,
         supported=_supported,
         is_linear=_is_linear,
         exclude_modules=config.exclude_modules,
-        skip=skip,
+        modules_to_save=config.modules_to_save,
     )
     layers: dict[str, IA3Layer] = {}
     for target in targets:

@@ -10,7 +10,7 @@ from torch import nn
 
 from peftkit import AdapterLoadError, LayerAdapter
 from peftkit.io import PEFT_PREFIX, check_tensors
-from peftkit.targeting import get_submodule_parent, name_matches, pattern_value, select_modules
+from peftkit.targeting import get_submodule_parent, pattern_value, select_modules
 from peftkit_lora.config import LoraConfig
 from peftkit_lora.layers import LoraLayer, MixedRows, lora_layer_for
 
@@ -131,7 +131,6 @@ def _supported(module: nn.Module) -> bool:
 
 def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraAdapter:
     """Wrap each target module in a LoRA layer (or add to an existing one) and return the adapter."""
-    skip = [n for n, _ in model.named_modules() if n and name_matches(n, config.modules_to_save)]
     targets = select_modules(
         model,
         config.target_modules,
@@ -140,7 +139,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> LoraAdapt
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
-        skip=skip,
+        modules_to_save=config.modules_to_save,
     )
     layers: dict[str, LoraLayer] = {}
     for target in targets:
