@@ -158,11 +158,13 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
                     param.data = param.data.to(torch.bfloat16)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: Any = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
+    optimizer: Any
     if variant == "peftkit-adamw-in-backward":
         from peftkit_qlora import OptimizerInBackward
 
         optimizer = OptimizerInBackward(params, torch.optim.AdamW, lr=2e-4)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
 

@@ -8,7 +8,8 @@ forward pass does no lookup beyond that one attribute.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,8 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.model import BASE
 from peftkit_lora.kernels import lora_linear
+
+T = TypeVar("T")
 
 
 class MixedRows:
@@ -37,7 +40,8 @@ class MixedRows:
         """(batch, 1, sum of ranks): 1 where a column belongs to the row's own adapter (``ranks`` follows ``names``)."""
         key = (ranks, dtype)
         if key not in self._masks:
-            owner = torch.repeat_interleave(torch.arange(1, len(ranks) + 1, device=self.index.device), torch.tensor(ranks, device=self.index.device))
+            # built on the CPU: repeat_interleave on a GPU would wait for the GPU to learn its output size
+            owner = torch.repeat_interleave(torch.arange(1, len(ranks) + 1), torch.tensor(ranks)).to(self.index.device)
             self._masks[key] = (owner == self.index[:, None]).to(dtype).unsqueeze(1)
         return self._masks[key]
 
@@ -176,11 +180,8 @@ class LoraLinear(LoraLayer):
         lora_b, scaling = self.lora_B[name].weight, self.scaling[name]
         if torch.is_grad_enabled():
             return lora_b, scaling
-        key = (name, lora_b._version, lora_b.data_ptr(), scaling, dtype)
-        cached = getattr(self, "_scaled_b_cache", None)
-        if cached is None or cached[0] != key:
-            cached = self._scaled_b_cache = (key, (lora_b * scaling).to(dtype))
-        return cached[1], 1.0
+        key = (name, scaling, dtype, _versions(lora_b))
+        return self._reused("_scaled_b_cache", key, lambda: (lora_b * scaling).to(dtype)), 1.0
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """All rows at once: one matmul through every adapter's ``A``, zero the columns of other rows' adapters, one through the ``B``s.
@@ -225,11 +226,15 @@ class LoraLinear(LoraLayer):
 
         if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights):
             return build()
-        key = (names, tuple((a._version, b._version, a.data_ptr(), b.data_ptr()) for a, b in weights), tuple(self.scaling[n] for n in present))
-        cached = getattr(self, "_concat_cache", None)
+        key = (names, tuple(self.scaling[n] for n in present), _versions(*(w for pair in weights for w in pair)))
+        return self._reused("_concat_cache", key, build)
+
+    def _reused(self, slot: str, key: object, build: Callable[[], T]) -> T:
+        """``build()`` (run without autograd), kept in ``slot`` and reused while ``key`` stays the same."""
+        cached = self.__dict__.get(slot)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                cached = self._concat_cache = (key, build())
+                cached = self.__dict__[slot] = (key, build())
         return cached[1]
 
     def _fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
@@ -317,6 +322,11 @@ class LoraConv2d(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         combined = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
         return combined * self.scaling[name]
+
+
+def _versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
+    """What changes when a tensor is written in place or replaced: its version counter and its storage address."""
+    return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
 def fusable_call(base: nn.Module, x: torch.Tensor) -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 
 from peftkit_lora.kernels import lora_linear
 from peftkit_lora.layers import LoraLinear, fusable_call
-from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dequantized_weight
+from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dense_4bit, dequantized_weight
 
 
 class QuantLoraLinear(LoraLinear):
@@ -36,14 +36,12 @@ class QuantLoraLinear(LoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self.active
-        if name is None or self.rows is not None or self.merged_adapters or args or kwargs:
-            return super().forward(x, *args, **kwargs)
-        if not self._quantized_fast_path_applies(x, name):
+        if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._quantized_fast_path_applies(x, name):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        dense = functools.partial(_dense_4bit, base.weight, x.dtype)
+        dense = functools.partial(dense_4bit, base.weight, x.dtype)
         lora_b, scaling = self.lora_b_and_scaling(name, x.dtype)
         return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, dense)
 
@@ -62,11 +60,6 @@ class QuantLoraLinear(LoraLinear):
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         hidden = F.linear(self.lora_dropout[name](x.to(dtype)), lora_a.to(dtype)) * self.scaling[name]
         return F.linear(hidden, lora_b.to(dtype))
-
-
-def _dense_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 4-bit weight dequantized, in ``dtype`` (what bitsandbytes' own 4-bit matmul multiplies by)."""
-    return bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 class MergedQuantLinear(nn.Linear):
