@@ -7,8 +7,7 @@ listing plugins never imports torch.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftkit.config import PeftConfig
 from peftkit.errors import (
@@ -22,6 +21,7 @@ from peftkit.errors import (
 )
 from peftkit.hookimpls import method_hooks
 from peftkit.hookspecs import hookimpl
+from peftkit.lazy import lazy_exports
 from peftkit.methods import MethodSpec
 from peftkit.plugins import get_registry, make_config
 
@@ -31,18 +31,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "PeftModel": "peftkit.model",
-    "get_peft_model": "peftkit.model",
-    "Adapter": "peftkit.adapter",
-    "LayerAdapter": "peftkit.adapter",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peftkit' has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "PeftModel": "peftkit.model",
+        "get_peft_model": "peftkit.model",
+        "Adapter": "peftkit.adapter",
+        "LayerAdapter": "peftkit.adapter",
+    },
+)
 
 
 __all__ = [

@@ -7,9 +7,9 @@ Importing this package does not import torch; the training helpers
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from peftkit.lazy import lazy_exports
 from peftkit_adalora.config import AdaLoraConfig
 
 if TYPE_CHECKING:
@@ -18,20 +18,17 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "AdaLoraCallback": "peftkit_adalora.training",
-    "AllocationError": "peftkit_adalora.allocator",
-    "RankAllocator": "peftkit_adalora.allocator",
-    "orthogonal_regularization": "peftkit_adalora.training",
-    "rank_allocator": "peftkit_adalora.training",
-    "update_and_allocate": "peftkit_adalora.training",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peftkit_adalora' has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "AdaLoraCallback": "peftkit_adalora.training",
+        "AllocationError": "peftkit_adalora.allocator",
+        "RankAllocator": "peftkit_adalora.allocator",
+        "orthogonal_regularization": "peftkit_adalora.training",
+        "rank_allocator": "peftkit_adalora.training",
+        "update_and_allocate": "peftkit_adalora.training",
+    },
+)
 
 
 __all__ = [

@@ -6,9 +6,9 @@ below load them on first use.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from peftkit.lazy import lazy_exports
 from peftkit_qlora.config import QLoraConfig
 
 if TYPE_CHECKING:
@@ -19,21 +19,18 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "quantize_model": "peftkit_qlora.quantize",
-    "QuantizationError": "peftkit_qlora.quantize",
-    "BitsAndBytesUnavailableError": "peftkit_qlora.quantize",
-    "prepare_model_for_kbit_training": "peftkit_qlora.training",
-    "merge_and_unload": "peftkit_qlora.adapt",
-    "QLoraMergeWarning": "peftkit_qlora.adapt",
-    "OptimizerInBackward": "peftkit_qlora.optim",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'peftkit_qlora' has no attribute {name!r}")
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "quantize_model": "peftkit_qlora.quantize",
+        "QuantizationError": "peftkit_qlora.quantize",
+        "BitsAndBytesUnavailableError": "peftkit_qlora.quantize",
+        "prepare_model_for_kbit_training": "peftkit_qlora.training",
+        "merge_and_unload": "peftkit_qlora.adapt",
+        "QLoraMergeWarning": "peftkit_qlora.adapt",
+        "OptimizerInBackward": "peftkit_qlora.optim",
+    },
+)
 
 
 __all__ = [
