@@ -57,7 +57,7 @@ class LoraLinearFunction(torch.autograd.Function):
         flat_x = x.reshape(-1, x.shape[-1])
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         a = lora_a.to(x.dtype)
-        b = lora_b if scaling == 1.0 and lora_b.dtype == x.dtype else _scaled(lora_b, scaling, x.dtype)
+        b = _scaled(lora_b, scaling, x.dtype)
         h = lora_in @ a.T
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
         out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
@@ -90,9 +90,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``scale * t`` in ``dtype``: one kernel for the product and the cast."""
+    """``scale * t`` in ``dtype``: one kernel for the product and the cast, none when there is nothing to do."""
     if t.dtype == dtype:
-        return t * scale
+        return t if scale == 1.0 else t * scale
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
