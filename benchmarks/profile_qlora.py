@@ -3,7 +3,7 @@
 Uses the weights benchmarks/gpu_qlora.py writes (run it with --prepare-only first).
 
     python benchmarks/profile_qlora.py peft|peftkit|peftkit-plain
-    python benchmarks/profile_qlora.py host-costs   # host time per launch of the ops a quantized LoRA layer runs
+    python benchmarks/profile_qlora.py host-costs   # host and GPU time of a quantized LoRA layer's ops, and of whole layers
 
 ``peftkit-plain`` runs peftkit with its quantized LoRA layers forced onto the
 plain path (bitsandbytes' layer, then LoRA's modules), to compare with the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 import transformers as tf
@@ -24,33 +25,67 @@ from gpu_qlora import CACHE, LLAMA_7B, LORA, write_random_llama
 
 
 def host_costs() -> None:
-    """Host microseconds per call (no synchronisation inside the loop) of each op in a quantized LoRA layer's step."""
-    import bitsandbytes as bnb
+    """Host and GPU microseconds per call of the ops in a quantized LoRA layer, then of whole layers (forward + backward).
 
+    Host time: the loop without synchronisation (how fast Python can enqueue);
+    with GPU: the same loop waited for. A step is host-bound where the first is
+    the larger.
+    """
+    import bitsandbytes as bnb
+    import peft
+
+    import peftkit
+    from peftkit_lora import LoraConfig
     from peftkit_lora.dropout import seeded_dropout
+    from peftkit_qlora import dequant
 
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     dense = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16)
-    packed, state = bnb.functional.quantize_4bit(dense, quant_type="nf4", compress_statistics=True)
+    weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True).cuda()
     a32 = torch.randn(16, 4096, device="cuda")
     ops = {
         "triton seeded dropout (1024 x 4096)": lambda: seeded_dropout(x, 0.05, 7),
         "torch native dropout": lambda: torch.nn.functional.dropout(x, 0.05),
-        "bnb dequantize_4bit (11008 x 4096, nested)": lambda: bnb.functional.dequantize_4bit(packed, state),
+        "bnb dequantize_4bit (11008 x 4096, nested)": lambda: bnb.functional.dequantize_4bit(weight.data, weight.quant_state),
+        "peftkit dequant, 3 row slices": lambda: [d for _, d in dequant.dense_row_slices(weight, torch.bfloat16)],
+        "peftkit dequant, 1 slice": lambda: [d for _, d in dequant.dense_row_slices(weight, torch.bfloat16, 2**30)],
         "cast fp32 -> bf16 (16 x 4096)": lambda: a32.to(torch.bfloat16),
         "cast + mm (1024 x 4096) @ (4096 x 16)": lambda: x @ a32.to(torch.bfloat16).T,
     }
     for name, op in ops.items():
-        for _ in range(20):
-            op()
-        torch.cuda.synchronize()
-        began = time.perf_counter()
-        for _ in range(500):
-            op()
-        host = (time.perf_counter() - began) / 500 * 1e6
-        torch.cuda.synchronize()
-        total = (time.perf_counter() - began) / 500 * 1e6
-        print(f"{name:>45}: host {host:7.1f} us/call, with GPU {total:7.1f} us/call")
+        _time_calls(name, op, 500)
+
+    def layer(library: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        base = bnb.nn.Linear4bit(4096, 11008, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True)
+        base.weight = bnb.nn.Params4bit(dense.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True)
+        model = torch.nn.Sequential(base.cuda())
+        options = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["0"]}
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(**options)) if library == "peft" else peftkit.get_peft_model(model, LoraConfig(**options))
+        return wrapped.train()
+
+    inputs = x.clone().requires_grad_(True)
+    grad = torch.randn(1024, 11008, device="cuda", dtype=torch.bfloat16)
+    for library in ("peft", "peftkit"):
+        model = layer(library)
+        _time_calls(f"{library} layer forward + backward", lambda model=model: model(inputs).backward(grad), 50)
+    original = dequant._kernel_for
+    dequant._kernel_for = lambda weight: None  # bitsandbytes' dequantize_4bit, as before the kernel
+    _time_calls("peftkit layer, bnb dequantize", lambda model=model: model(inputs).backward(grad), 50)
+    dequant._kernel_for = original
+
+
+def _time_calls(name: str, op: Any, calls: int) -> None:
+    for _ in range(10):
+        op()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(calls):
+        op()
+    host = (time.perf_counter() - began) / calls * 1e6
+    torch.cuda.synchronize()
+    total = (time.perf_counter() - began) / calls * 1e6
+    print(f"{name:>45}: host {host:7.1f} us/call, with GPU {total:7.1f} us/call")
 
 
 def main() -> None:

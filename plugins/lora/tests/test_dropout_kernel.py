@@ -41,10 +41,12 @@ def test_elements_sharing_a_random_draw_are_independent() -> None:
         assert abs(agreement - 0.5) < 0.02, (lane, agreement)
 
 
-def test_pair_uses_one_mask_for_both_tensors() -> None:
+def test_pair_uses_one_mask_for_both_tensors_and_masks_the_second_in_place() -> None:
     x = torch.randn(33, 70, device=DEVICE)
     t = torch.randn(33, 70, device=DEVICE, dtype=torch.float16)
+    expected_t = dropout._triton_dropout(t, 0.3, 9)
     dropped_x, dropped_t = dropout._triton_dropout(x, 0.3, 9, t)
+    assert dropped_t is t, "the gradient is masked where it lies"
     assert torch.equal(dropped_x, dropout._triton_dropout(x, 0.3, 9))
     assert torch.equal(dropped_t != 0, dropped_x != 0)
-    torch.testing.assert_close(dropped_t, dropout._triton_dropout(t, 0.3, 9))
+    torch.testing.assert_close(dropped_t, expected_t)

@@ -11,7 +11,7 @@ import peftkit
 from peftkit.testing.models import sample_inputs, tiny_model
 from peftkit_lora import LoraConfig
 from peftkit_lora.layers import LoraLayer
-from peftkit_qlora import quantize_model
+from peftkit_qlora import dequant, quantize_model
 from peftkit_qlora.layers import QuantLoraLinear
 
 
@@ -55,6 +55,26 @@ def test_training_step_matches_bitsandbytes_plus_lora_modules(dtype: torch.dtype
         assert grad.dtype == torch.float32, f"{name}: LoRA master weights get float32 gradients"
         scale = plain_grads[name].abs().max().item() + 1e-12
         assert (grad - plain_grads[name]).abs().max().item() <= tolerance * 5 * scale, name
+
+
+def test_a_weight_rebuilt_in_row_slices_gives_the_same_outputs_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused layer rebuilds a wide weight a slice of rows at a time (forward and backward)."""
+    monkeypatch.setattr(dequant, "SLICE_BYTES", 24 * 192 * 4)  # 70 output rows in 3 slices
+
+    def run(fused: bool) -> tuple[torch.Tensor, ...]:
+        torch.manual_seed(0)
+        base = quantize_model(torch.nn.Sequential(torch.nn.Linear(192, 70, bias=True)), bnb_4bit_compute_dtype=torch.float32)
+        model = peftkit.get_peft_model(base, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+        if not fused:
+            use_plain_path(model)
+        x = torch.randn(6, 192, requires_grad=True)
+        out = model(x)
+        (out * torch.linspace(-1, 1, 70)).sum().backward()
+        layer = quant_layers(model)[0]
+        return out, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+    for fused, plain in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_the_fused_path_is_the_one_taken_for_many_rows() -> None:

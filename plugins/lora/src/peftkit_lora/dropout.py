@@ -31,17 +31,19 @@ def seeded_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 
 def seeded_dropout_pair(x: torch.Tensor, t: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` and ``t`` (same shape) with the seed's one mask applied: one pass for both on CUDA.
+    """``x`` with the seed's mask applied (a new tensor), and ``t`` (same shape, contiguous) masked alike in place.
 
     The LoRA backward needs the dropped input (for ``A``'s gradient) and the
-    input gradient masked alike; one kernel draws the mask once for both.
+    input gradient masked alike; on CUDA one kernel draws the mask once for
+    both. Masking the gradient where it lies spares a third buffer of the
+    input's size at the backward pass's peak.
     """
-    if x.shape != t.shape:
-        raise ValueError(f"seeded_dropout_pair needs tensors of one shape, got {tuple(x.shape)} and {tuple(t.shape)}")
+    if x.shape != t.shape or not t.is_contiguous():
+        raise ValueError(f"seeded_dropout_pair needs a contiguous t shaped as x, got {tuple(x.shape)} and {tuple(t.shape)}")
     if x.is_cuda and _triton_kernel() is not None:
-        return _triton_dropout(x.contiguous(), p, seed, t.contiguous())
+        return _triton_dropout(x.contiguous(), p, seed, t)
     mask = _torch_mask(x, p, seed)
-    return x * mask, t * mask.to(t.dtype)
+    return x * mask, t.mul_(mask.to(t.dtype))
 
 
 def _torch_mask(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -71,7 +73,7 @@ def _triton_kernel():  # type: ignore[no-untyped-def]
         keep = bits >= threshold
         values = tl.load(src + offsets, mask=inside)
         tl.store(dst + offsets, tl.where(keep, values.to(tl.float32) * scale, 0.0).to(values.dtype), mask=inside)
-        if PAIR:  # a second tensor under the same mask
+        if PAIR:  # a second tensor under the same mask, in place
             others = tl.load(src2 + offsets, mask=inside)
             tl.store(dst2 + offsets, tl.where(keep, others.to(tl.float32) * scale, 0.0).to(others.dtype), mask=inside)
 
@@ -86,7 +88,7 @@ def _triton_dropout(
     t: torch.Tensor, p: float, seed: int, other: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     out = torch.empty_like(t)
-    other_out = out if other is None else torch.empty_like(other)
+    other_out = out if other is None else other  # the second tensor is masked in place
     n = t.numel()
     block = 4096
     threshold = round(p * 65536)  # an element is dropped when its 16 random bits fall below this

@@ -17,20 +17,24 @@ kept values scaled by ``1 / (1 - p)``), which the tests check against a
 float64 reference with ``gradcheck``.
 
 A base weight that is stored packed (QLoRA's 4-bit layers) comes in as a
-``dense_weight`` callable instead: the dense weight is rebuilt in forward and
-again in backward and never kept, as bitsandbytes' own matmul does. LoRA
+``weight_slices`` callable instead, giving the dense weight a slice of rows at
+a time: it is rebuilt in forward and again in backward and never kept whole,
+each slice dropped once its rows of the product are done. LoRA
 weights in another dtype than ``x`` (float32 master weights over a bf16
 model) are cast inside, and their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
+
+# Row slices ``(rows, dense)`` of a packed base weight, built one at a time as the iterable is advanced.
+WeightSlices = Callable[[], Iterable[tuple[slice, torch.Tensor]]]
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -38,7 +42,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     ``weight`` and ``bias`` are the frozen base parameters (no gradient);
     ``weight`` is in ``nn.Linear`` layout ``(out, in)``, or ``None`` with
-    ``dense_weight`` giving it on demand.
+    ``weight_slices`` giving it on demand.
     """
 
     @staticmethod
@@ -52,7 +56,7 @@ class LoraLinearFunction(torch.autograd.Function):
         scaling: float,
         dropout_p: float,
         seed: int,
-        dense_weight: Callable[[], torch.Tensor] | None = None,
+        weight_slices: WeightSlices | None = None,
     ) -> torch.Tensor:
         flat_x = x.reshape(-1, x.shape[-1])
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
@@ -61,9 +65,11 @@ class LoraLinearFunction(torch.autograd.Function):
         h = lora_in @ a.T
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
         out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
-        out.addmm_(flat_x, (weight if dense_weight is None else dense_weight()).T)
+        for rows, dense in _row_slices(weight, weight_slices):
+            out[:, rows].addmm_(flat_x, dense.T)
+            del dense  # a packed weight's slice is freed before the next one is built
         ctx.save_for_backward(x, weight, a, b, h)
-        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.dense_weight = scaling, dropout_p, seed, dense_weight
+        ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices = scaling, dropout_p, seed, weight_slices
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -85,8 +91,15 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_a = grad_h.T @ lora_in
         del lora_in
         if grad_x is not None:
-            grad_x = grad_x.addmm_(flat_grad, weight if ctx.dense_weight is None else ctx.dense_weight()).view_as(x)
+            for rows, dense in _row_slices(weight, ctx.weight_slices):
+                grad_x.addmm_(flat_grad[:, rows], dense)
+                del dense
+            grad_x = grad_x.view_as(x)
         return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
+
+
+def _row_slices(weight: torch.Tensor | None, weight_slices: WeightSlices | None) -> Iterable[tuple[slice, torch.Tensor]]:
+    return weight_slices() if weight_slices is not None else [(slice(None), weight)]  # type: ignore[list-item]
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -104,11 +117,11 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    dense_weight: Callable[[], torch.Tensor] | None = None,
+    weight_slices: WeightSlices | None = None,
 ) -> torch.Tensor:
     """The fused LoRA linear; without autograd it runs the same forward and saves nothing."""
     seed = draw_seed() if dropout_p > 0 else 0
-    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, dense_weight)
+    args = (x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         return LoraLinearFunction.apply(*args)
     with torch.no_grad():

@@ -11,7 +11,8 @@ from torch import nn
 
 from peftkit_lora.kernels import lora_linear
 from peftkit_lora.layers import LoraLinear, fusable_call
-from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dense_4bit, dequantized_weight
+from peftkit_qlora.dequant import dense_row_slices
+from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dequantized_weight
 
 
 class QuantLoraLinear(LoraLinear):
@@ -27,7 +28,8 @@ class QuantLoraLinear(LoraLinear):
 
     Over a 4-bit base, a call with more than one input row runs as one
     autograd function (:func:`peftkit_lora.kernels.lora_linear`) that
-    dequantizes the weight in forward and again in backward, keeping neither:
+    dequantizes the weight in forward and again in backward, a slice of rows
+    at a time (:mod:`peftkit_qlora.dequant`), keeping neither:
     the base matmul, dropout and both LoRA products in a single node, instead
     of bitsandbytes' matmul plus a handful of small autograd ops. Single-row
     calls without gradients (token-by-token decoding) keep bitsandbytes'
@@ -41,9 +43,9 @@ class QuantLoraLinear(LoraLinear):
         base = self.base_layer
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        dense = functools.partial(dense_4bit, base.weight, x.dtype)
+        weight_slices = functools.partial(dense_row_slices, base.weight, x.dtype)
         lora_b, scaling = self.lora_b_and_scaling(name, x.dtype)
-        return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, dense)
+        return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, weight_slices)
 
     def _quantized_fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
         base = self.base_layer

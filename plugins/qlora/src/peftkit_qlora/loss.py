@@ -45,12 +45,14 @@ class _SlicedCrossEntropy(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ctx.rows):
-            block = logits[start : start + ctx.rows].float()
-            target = targets[start : start + ctx.rows]
+            stop = start + ctx.rows
+            target = targets[start:stop]
             valid = (target != ctx.ignore_index).unsqueeze(1)
-            probs = torch.exp(block - lse[start : start + ctx.rows].unsqueeze(1))
+            # one float32 slice, worked on in place: softmax, minus one at the target, times the incoming gradient
+            probs = logits[start:stop].to(torch.float32, copy=True)
+            probs.sub_(lse[start:stop].unsqueeze(1)).exp_()
             probs.scatter_add_(1, target.clamp(min=0).unsqueeze(1), -valid.to(probs.dtype))
-            grad[start : start + ctx.rows] = probs * valid * grad_total
+            grad[start:stop] = probs.mul_(valid * grad_total)
         return grad, None, None
 
 

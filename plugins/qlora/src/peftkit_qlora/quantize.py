@@ -305,15 +305,10 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype | None = None) -> t
     lib = bnb()
     if isinstance(module, lib.nn.Linear4bit):
         disable_cpu_repacking(module)
-        return dense_4bit(module.weight, dtype or torch.float32)
+        return lib.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).to(dtype or torch.float32)
     scales = module.weight.SCB if module.weight.SCB is not None else module.state.SCB
     dense = lib.functional.int8_vectorwise_dequant(module.weight.data, scales)
     return dense if dtype is None else dense.to(dtype)
-
-
-def dense_4bit(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A 4-bit weight (``Params4bit``) dequantized, in ``dtype``."""
-    return bnb().functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
 
 
 def _dtype(value: torch.dtype | str | None) -> torch.dtype | None:
