@@ -16,7 +16,9 @@ Variants: ``peft`` (peft.prepare_model_for_kbit_training + peft.get_peft_model),
 transformers' Trainer uses by default), ``peftkit-adamw-in-backward`` (the same AdamW, stepped
 bucket by bucket during backward by peftkit_qlora.OptimizerInBackward, so that the LoRA gradients
 never all exist at once), ``peftkit-offload`` (checkpointed activations kept in
-host memory; needs transformers >= 5.23), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16).
+host memory; needs transformers >= 5.23), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16),
+``peftkit-whole-weight`` (each 4-bit weight rebuilt whole rather than in slices of at most
+peftkit_qlora.dequant.SLICE_BYTES: fewer launches, a larger transient).
 Peaks are also given per phase of a step (forward, backward, optimizer step).
 
     python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
@@ -63,6 +65,7 @@ VARIANTS = (
     "peftkit-fused-adamw",
     "peftkit-offload",
     "peftkit-bf16-lora",
+    "peftkit-whole-weight",
 )
 DEFAULT_VARIANTS = "peft,peftkit,peftkit-adamw-in-backward,peft-fused-adamw,peftkit-fused-adamw"
 GIB = 2**30
@@ -154,6 +157,10 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
 
         model = prepare_model_for_kbit_training(model, offload_checkpoints=variant == "peftkit-offload")
         model = peftkit.get_peft_model(model, LoraConfig(**LORA))
+        if variant == "peftkit-whole-weight":
+            from peftkit_qlora import dequant
+
+            dequant.SLICE_BYTES = 2**40
         if variant == "peftkit-bf16-lora":
             for param in model.parameters():
                 if param.requires_grad:
