@@ -15,10 +15,12 @@ Variants: ``peft`` (peft.prepare_model_for_kbit_training + peft.get_peft_model),
 ``peft-fused-adamw`` / ``peftkit-fused-adamw`` (the same with ``AdamW(fused=True)``, what
 transformers' Trainer uses by default), ``peftkit-adamw-in-backward`` (the same AdamW, stepped
 bucket by bucket during backward by peftkit_qlora.OptimizerInBackward, so that the LoRA gradients
-never all exist at once), ``peftkit-offload`` (checkpointed activations kept in
-host memory; needs transformers >= 5.23), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16),
+never all exist at once), ``peftkit-offload`` (each checkpointed block's input kept in pinned
+host memory: ``offload_checkpoints=True``), ``peftkit-bf16-lora`` (the LoRA weights themselves in bf16),
 ``peftkit-whole-weight`` (each 4-bit weight rebuilt whole rather than in slices of at most
-peftkit_qlora.dequant.SLICE_BYTES: fewer launches, a larger transient).
+peftkit_qlora.dequant.SLICE_BYTES: fewer launches, a larger transient), ``peftkit-compiled``
+(``compile_blocks=True``: each block's attention, MLP and norms compiled), ``peftkit-compiled-offload``
+(both options), ``peft-compiled-blocks`` (PEFT's model with the same regional compilation, for reference).
 Peaks are also given per phase of a step (forward, backward, optimizer step).
 
     python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
@@ -66,8 +68,11 @@ VARIANTS = (
     "peftkit-offload",
     "peftkit-bf16-lora",
     "peftkit-whole-weight",
+    "peftkit-compiled",
+    "peftkit-compiled-offload",
+    "peft-compiled-blocks",
 )
-DEFAULT_VARIANTS = "peft,peftkit,peftkit-adamw-in-backward,peft-fused-adamw,peftkit-fused-adamw"
+DEFAULT_VARIANTS = "peft,peftkit,peftkit-compiled,peftkit-compiled-offload,peft-compiled-blocks"
 GIB = 2**30
 
 
@@ -155,7 +160,9 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
         from peftkit_lora import LoraConfig
         from peftkit_qlora import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, offload_checkpoints=variant == "peftkit-offload")
+        model = prepare_model_for_kbit_training(
+            model, offload_checkpoints=variant.endswith("offload"), compile_blocks="compiled" in variant
+        )
         model = peftkit.get_peft_model(model, LoraConfig(**LORA))
         if variant == "peftkit-whole-weight":
             from peftkit_qlora import dequant
@@ -165,6 +172,10 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
             for param in model.parameters():
                 if param.requires_grad:
                     param.data = param.data.to(torch.bfloat16)
+    if variant == "peft-compiled-blocks":  # the same regional compilation as peftkit-compiled, on PEFT's model
+        from peftkit_qlora.blocks import compile_blocks
+
+        compile_blocks(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: Any
@@ -404,7 +415,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        if variant == "peftkit-offload" and args.device == "cpu":
+        if variant.endswith("offload") and args.device == "cpu":
             print(f"{variant:>18}: skipped (offloading activations to the host needs a GPU)")
             continue
         command = [

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftkit import PeftkitError
+from peftkit_qlora import blocks
 from peftkit_qlora.loss import use_sliced_loss
 
 
@@ -18,6 +19,7 @@ def prepare_model_for_kbit_training(
     gradient_checkpointing_kwargs: dict[str, Any] | None = None,
     offload_checkpoints: bool = False,
     memory_efficient_loss: bool = True,
+    compile_blocks: bool = False,
 ) -> nn.Module:
     """Freeze the base, keep fp16 norms in float32, turn on gradient checkpointing; returns ``model``.
 
@@ -34,9 +36,15 @@ def prepare_model_for_kbit_training(
     Gradient checkpointing defaults to ``use_reentrant=False``, which needs
     no input gradients; with ``use_reentrant=True`` the input embeddings'
     output is made to require grad, as PEFT does. ``offload_checkpoints=True``
-    keeps the activations saved between checkpointed blocks in pinned host
-    memory (transformers >= 5's ``offload``): ``layers x tokens x hidden`` bytes
-    less on the GPU, for a host copy each way per step.
+    keeps each checkpointed block's input in pinned host memory between its
+    forward and backward (:class:`peftkit_qlora.blocks.HostOffloadedCheckpoint`):
+    ``layers x tokens x hidden`` values less on the GPU, for an asynchronous
+    copy each way per block and step.
+
+    ``compile_blocks=True`` compiles each block's parts with ``torch.compile``
+    (:func:`peftkit_qlora.blocks.compile_blocks`): a step at a small batch is
+    bound by the host's kernel launches, which compiled code cuts; the first
+    step takes the compilation (about a minute for a 7B model).
 
     ``memory_efficient_loss`` gives a transformers causal LM the same loss
     computed without float32 logits (:func:`peftkit_qlora.loss.causal_lm_loss`),
@@ -52,31 +60,42 @@ def prepare_model_for_kbit_training(
             norm.register_forward_hook(_output_in_input_dtype)
     if use_gradient_checkpointing:
         enable_gradient_checkpointing(model, gradient_checkpointing_kwargs, offload_checkpoints)
+    elif offload_checkpoints or compile_blocks:
+        raise PeftkitError("offload_checkpoints and compile_blocks work on checkpointed blocks: keep use_gradient_checkpointing=True")
     if memory_efficient_loss:
         use_sliced_loss(model)
+    if compile_blocks:
+        blocks.compile_blocks(model)
     return model
 
 
 def enable_gradient_checkpointing(
     model: nn.Module, kwargs: dict[str, Any] | None = None, offload: bool = False
 ) -> None:
-    """transformers' gradient checkpointing, non-reentrant unless ``kwargs`` say otherwise; caching off."""
+    """transformers' gradient checkpointing, non-reentrant unless ``kwargs`` say otherwise; caching off.
+
+    ``offload=True`` keeps each block's input in pinned host memory between its
+    forward and backward (needs a GPU and non-reentrant checkpointing).
+    """
     options = {"use_reentrant": False, **(kwargs or {})}
     if offload and not _has_accelerator():
         raise PeftkitError(
             "offload_checkpoints=True moves activations from a GPU to pinned host memory; there is no GPU here"
         )
+    if offload and options["use_reentrant"]:
+        raise PeftkitError("offload_checkpoints=True needs non-reentrant checkpointing: drop use_reentrant=True")
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5
-        extra = {"offload": True} if offload else {}
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **extra)
-    elif callable(getattr(model, "gradient_checkpointing_enable", None)) and not offload:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     else:
-        missing = "activation_checkpointing_enable(offload=...)" if offload else "gradient checkpointing"
         raise PeftkitError(
-            f"{type(model).__name__} has no {missing}; pass use_gradient_checkpointing=False "
-            f"(or offload_checkpoints=False) and checkpoint its blocks yourself"
+            f"{type(model).__name__} has no gradient checkpointing; pass use_gradient_checkpointing=False "
+            f"(and offload_checkpoints=False) and checkpoint its blocks yourself"
         )
+    if offload:
+        for block in blocks.checkpointed_blocks(model):
+            block._gradient_checkpointing_func = blocks.HostOffloadedCheckpoint(block._gradient_checkpointing_func)
     if options["use_reentrant"]:
         model.enable_input_require_grads()
     config = getattr(model, "config", None)
