@@ -13,6 +13,7 @@ from peftkit_qlora.config import QLoraConfig
 
 if TYPE_CHECKING:
     from peftkit_qlora.adapt import QLoraMergeWarning, merge_and_unload
+    from peftkit_qlora.blocks import compile_blocks
     from peftkit_qlora.optim import OptimizerInBackward
     from peftkit_qlora.quantize import BitsAndBytesUnavailableError, QuantizationError, quantize_model
     from peftkit_qlora.training import prepare_model_for_kbit_training
@@ -29,6 +30,7 @@ __getattr__ = lazy_exports(
         "merge_and_unload": "peftkit_qlora.adapt",
         "QLoraMergeWarning": "peftkit_qlora.adapt",
         "OptimizerInBackward": "peftkit_qlora.optim",
+        "compile_blocks": "peftkit_qlora.blocks",
     },
 )
 
@@ -39,6 +41,7 @@ __all__ = [
     "QLoraConfig",
     "QLoraMergeWarning",
     "QuantizationError",
+    "compile_blocks",
     "merge_and_unload",
     "prepare_model_for_kbit_training",
     "quantize_model",
