@@ -121,17 +121,3 @@ def test_falls_back_to_bitsandbytes_layer(case: str) -> None:
         expected = LoraLayer.forward(layer, x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert seen or case != "forward-hook"
-
-
-def test_the_traceable_sliced_matmul_matches_bitsandbytes() -> None:
-    """What compiled blocks run for the base layer: bitsandbytes' operators on slices of rows, autograd of its own."""
-    torch.manual_seed(0)
-    base = quantize_model(torch.nn.Sequential(torch.nn.Linear(192, 70, bias=False)), bnb_4bit_compute_dtype=torch.float32)[0]
-    x = torch.randn(2, 3, 192, requires_grad=True)
-    expected = base(x)
-    expected.backward(torch.linspace(-1, 1, 70).expand_as(expected))
-    expected_grad, x.grad = x.grad, None
-    out = dequant.compiled_linear_4bit(x, base.weight, max_bytes=24 * 192 * 4)  # slices of 24, 24 and 22 rows
-    out.backward(torch.linspace(-1, 1, 70).expand_as(out))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(x.grad, expected_grad, rtol=1e-5, atol=1e-5)

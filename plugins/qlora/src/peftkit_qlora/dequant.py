@@ -23,7 +23,6 @@ bitsandbytes does.
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -111,56 +110,3 @@ def _triton_kernel() -> Any:
         tl.store(out + local, (value * scale).to(out.dtype.element_ty), mask=inside)
 
     return dequantize_4bit_kernel
-
-
-def compiled_linear_4bit(x: torch.Tensor, weight: Any, max_bytes: int | None = None) -> torch.Tensor:
-    """``x @ W.T`` for a 4-bit weight, in code that ``torch.compile`` traces: the weight rebuilt a slice of rows at a time.
-
-    Inside compiled code bitsandbytes' layer rebuilds the whole weight (and
-    the compiler may keep it alive longer); here forward and backward each
-    rebuild slices of at most ``max_bytes`` (default :data:`SLICE_BYTES`) with
-    bitsandbytes' own operators, which the compiler sees as opaque calls, and
-    only the packed weight is saved for backward.
-    """
-    state = weight.quant_state
-    scales = state.absmax
-    if state.nested:  # the block scales are themselves 8-bit codes: rebuild them first (small)
-        scales = torch.ops.bitsandbytes.dequantize_blockwise(
-            scales, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32
-        ) + state.offset
-    out_features, in_features = state.shape
-    # slices start on a scale-block boundary: a multiple of `unit` rows
-    unit = state.blocksize // math.gcd(in_features, state.blocksize)
-    rows = max(unit, (max_bytes or SLICE_BYTES) // (in_features * x.element_size()) // unit * unit)
-    return _Packed4bitLinear.apply(x, weight.data, scales, (out_features, in_features), state.blocksize, state.quant_type, rows)
-
-
-class _Packed4bitLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], blocksize: int, quant_type: str, rows: int
-    ) -> torch.Tensor:
-        ctx.save_for_backward(packed, scales)
-        ctx.layout = shape, blocksize, quant_type, rows
-        parts = [x @ _dense_rows(packed, scales, ctx.layout, start, x.dtype).T for start in range(0, shape[0], rows)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        packed, scales = ctx.saved_tensors
-        shape, _, _, rows = ctx.layout
-        grad_x = None
-        for start in range(0, shape[0], rows):
-            part = grad[..., start : start + rows] @ _dense_rows(packed, scales, ctx.layout, start, grad.dtype)
-            grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None, None, None, None, None
-
-
-def _dense_rows(packed: torch.Tensor, scales: torch.Tensor, layout: tuple[Any, ...], start: int, dtype: torch.dtype) -> torch.Tensor:
-    (out_features, in_features), blocksize, quant_type, rows = layout
-    stop = min(start + rows, out_features)
-    first, last = start * in_features, stop * in_features  # element range; both multiples of the block size
-    return torch.ops.bitsandbytes.dequantize_4bit(
-        packed[first // 2 : -(-last // 2)], scales[first // blocksize : -(-last // blocksize)], blocksize, quant_type,
-        [stop - start, in_features], dtype,
-    )

@@ -11,7 +11,7 @@ from torch import nn
 
 from peftkit_lora.kernels import lora_linear
 from peftkit_lora.layers import LoraLinear, fusable_call
-from peftkit_qlora.dequant import compiled_linear_4bit, dense_row_slices
+from peftkit_qlora.dequant import dense_row_slices
 from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dequantized_weight
 
 
@@ -33,44 +33,29 @@ class QuantLoraLinear(LoraLinear):
     the base matmul, dropout and both LoRA products in a single node, instead
     of bitsandbytes' matmul plus a handful of small autograd ops. Single-row
     calls without gradients (token-by-token decoding) keep bitsandbytes'
-    own 4-bit kernel, which never builds the dense weight. Inside
-    ``torch.compile`` the layer runs plain operators the compiler can fuse,
-    with the base matmul still rebuilding the weight in slices
-    (:func:`peftkit_qlora.dequant.compiled_linear_4bit`).
+    own 4-bit kernel, which never builds the dense weight.
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self.active
-        if name is None or self.rows is not None or self.merged_adapters or args or kwargs:
+        if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._quantized_fast_path_applies(x, name):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
-        if torch.compiler.is_compiling() and self._packed_4bit_base(x):  # traced code, still rebuilding slices
-            result = compiled_linear_4bit(x, base.weight)
-            result = result if base.bias is None else result + base.bias.to(result.dtype)
-            return result + self.delta(name, x).to(result.dtype)
-        if not self._quantized_fast_path_applies(x, name):
-            return super().forward(x)
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         weight_slices = functools.partial(dense_row_slices, base.weight, x.dtype)
         lora_b, scaling = self.lora_b_and_scaling(name, x.dtype)
         return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, weight_slices)
 
-    def _packed_4bit_base(self, x: torch.Tensor) -> bool:
-        """A frozen bitsandbytes 4-bit base computing in ``x``'s dtype, nothing hooked on it, more than one input row
-        or gradients wanted (single-row decoding keeps bitsandbytes' own 4-bit kernel, which never builds the weight)."""
-        base = self.base_layer
-        state = getattr(base.weight, "quant_state", None)
-        if type(base) is not bnb().nn.Linear4bit or state is None or getattr(state, "packing_format_for_cpu", False):
-            return False
-        if (base.bias is not None and base.bias.requires_grad) or x.dtype != base.compute_dtype:
-            return False
-        lora_a = self.lora_A[self.active].weight  # type: ignore[index]
-        decoding = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad))
-        return not decoding and not (base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"))
-
     def _quantized_fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
-        return self._packed_4bit_base(x) and self.lora_A[name].weight.dtype.is_floating_point and fusable_call(self.base_layer, x)
+        base = self.base_layer
+        if type(base) is not bnb().nn.Linear4bit or getattr(base.weight, "quant_state", None) is None:
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
+        lora_a = self.lora_A[name].weight
+        decoding = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad))
+        return not decoding and x.dtype == base.compute_dtype and lora_a.dtype.is_floating_point and fusable_call(base, x)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
