@@ -92,13 +92,15 @@ class LayerAdapter(Adapter):
     def forward(self, inputs: dict[str, Any], rows: dict[str, Tensor] | None) -> Iterator[dict[str, Any]]:
         """Give every layer of this adapter the batch rows of each adapter for one call; the inputs pass as they are."""
         routed = None if rows is None else self.layer_rows(rows)
+        # ``rows`` is a plain attribute: written straight into each layer's __dict__, as nn.Module's
+        # __setattr__ would, without its checks (microseconds per layer, twice per call, on the hot path)
         for layer in self.layers.values():
-            layer.rows = routed
+            vars(layer)["rows"] = routed
         try:
             yield inputs
         finally:
             for layer in self.layers.values():
-                layer.rows = None
+                vars(layer)["rows"] = None
 
     def layer_rows(self, rows: dict[str, Tensor]) -> Any:
         """What the layers get as ``rows`` for a mixed batch: the adapter name -> row indices dict itself."""

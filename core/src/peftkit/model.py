@@ -216,7 +216,7 @@ class PeftModel(nn.Module):
         else:
             targets, rows = self._rows(adapter_names, inputs, args, expand)
         hook = get_registry().hook
-        wrappers = saved_wrappers(self.base_model).values()
+        wrappers = self._saved_wrappers()
         with ExitStack() as stack:
             if rows is not None:
                 for wrapper in wrappers:
@@ -228,6 +228,12 @@ class PeftModel(nn.Module):
                 if context is not None:
                     inputs = stack.enter_context(context)
             yield inputs
+
+    def _saved_wrappers(self) -> list[ModulesToSaveWrapper]:
+        """The modules_to_save wrappers of all adapters, found by name (walking the whole model costs milliseconds per call)."""
+        names = dict.fromkeys(name for saved in self._saved_modules.values() for name in saved)
+        found = (self.base_model.get_submodule(name) for name in names)
+        return [module for module in found if isinstance(module, ModulesToSaveWrapper)]
 
     def _rows(self, names: Sequence[str], inputs: dict[str, Any], args: tuple[Any, ...], expand: int) -> tuple[list[str], dict[str, torch.Tensor]]:
         reference = next((t for t in (*args, *inputs.values()) if isinstance(t, torch.Tensor)), None)

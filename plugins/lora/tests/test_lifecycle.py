@@ -11,6 +11,7 @@ from conftest import TASK_TYPES, fresh, logits, three_rows
 import peftkit
 from peftkit.testing.models import sample_inputs
 from peftkit_lora import LoraConfig
+from peftkit_lora.layers import LoraLinear, MixedRows
 
 
 def two_adapters(kind: str, tmp_path: Path) -> tuple[peftkit.PeftModel, dict[str, torch.Tensor]]:
@@ -74,6 +75,28 @@ def test_mixed_batch_with_other_ranks_and_targets() -> None:
     mixed = logits(model, inputs, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_batch_inference_runs_fused_except_where_dropout_applies() -> None:
+    """Without gradients the layer computes all rows in three products (no base module call); in training mode dropout
+    still applies to every row's LoRA input, so the per-adapter path runs and two calls differ."""
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False)
+    model = peftkit.get_peft_model(fresh("llama"), config)
+    model.add_adapter("other", LoraConfig(r=2, lora_dropout=0.5, target_modules="all-linear", init_lora_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    rows = MixedRows({"default": torch.tensor([0]), "other": torch.tensor([1]), "__base__": torch.tensor([2])})
+    x = torch.randn(3, 5, layer.in_features)
+    inputs, names = three_rows("llama"), ["other", "default", "__base__"]
+    with torch.no_grad():
+        model.eval()
+        assert layer._mixed_inference(x, rows) is not None
+        assert layer._mixed_inference(x.double(), rows) is None, "other dtypes take the plain path"
+        model.train()
+        assert layer._mixed_inference(x, rows) is None
+        first, second = (model(**inputs, adapter_names=names).logits for _ in range(2))
+    assert not torch.equal(first[:2], second[:2]), "training-mode dropout on the adapters' rows"
+    torch.testing.assert_close(first[2], second[2], rtol=0, atol=0)  # the base row has no dropout
 
 
 def test_mixed_batch_gradients_reach_each_rows_adapter() -> None:

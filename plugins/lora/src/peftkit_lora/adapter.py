@@ -33,8 +33,8 @@ class LoraAdapter(LayerAdapter):
         yield from self.biases.values()
 
     def layer_rows(self, rows: dict[str, torch.Tensor]) -> MixedRows:
-        """The batch's rows grouped once per call, for every layer to share."""
-        return MixedRows(rows)
+        """The batch's rows grouped once per call, for every layer (and every LoRA adapter of the call) to share."""
+        return MixedRows.for_rows(rows)
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -26,6 +26,16 @@ T = TypeVar("T")
 class MixedRows:
     """Which adapter each row of a mixed batch uses, prepared once per call for every layer."""
 
+    _last: tuple[dict[str, torch.Tensor], MixedRows] | None = None
+
+    @classmethod
+    def for_rows(cls, rows: dict[str, torch.Tensor]) -> MixedRows:
+        """The grouping of ``rows``, built once however many adapters of the call ask (the dict is the call's own)."""
+        last = cls._last
+        if last is None or last[0] is not rows:  # the held reference keeps the dict's identity from being reused
+            last = cls._last = (rows, cls(rows))
+        return last[1]
+
     def __init__(self, rows: dict[str, torch.Tensor]) -> None:
         self.groups = {name: ids for name, ids in rows.items() if name != BASE}
         self.names = tuple(self.groups)
@@ -164,6 +174,10 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         name = self.active
+        if self.rows is not None and not (args or kwargs or self.merged_adapters or torch.is_grad_enabled()):
+            fused = self._mixed_inference(x, self.rows)
+            if fused is not None:
+                return fused
         if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._fast_path_applies(x, name):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
@@ -208,6 +222,28 @@ class LoraLinear(LoraLayer):
             return torch.addmm(flat_out, flat_h, lora_b.T).view(result.shape)
         return flat_out.addmm_(flat_h, lora_b.T).view(result.shape)
 
+    def _mixed_inference(self, x: torch.Tensor, rows: MixedRows) -> torch.Tensor | None:
+        """A mixed batch without gradients in three products: ``(x A^T * mask) B^T``, then the base matmul added onto it.
+
+        As the single-adapter fast path, it skips the base module's call and
+        output buffer; ``None`` where the plain base module must run.
+        """
+        base = self.base_layer
+        if type(base) not in (nn.Linear, Conv1D) or not fusable_call(base, x) or x.shape[0] != rows.index.shape[0]:
+            return None
+        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling):
+            return None  # dropout applies in training mode, gradients or not: the per-adapter path
+        lora_a, lora_b, ranks = self._concatenated(rows.names)
+        if lora_a is None or lora_b is None or not (x.dtype == base.weight.dtype == lora_a.dtype):
+            return None
+        h = x.reshape(x.shape[0], -1, x.shape[-1]) @ lora_a.T  # (batch, tokens, sum of ranks)
+        h.mul_(rows.column_mask(ranks, h.dtype))
+        flat_h = h.reshape(-1, h.shape[-1])
+        out = flat_h @ lora_b.T if base.bias is None else torch.addmm(base.bias, flat_h, lora_b.T)
+        weight = base.weight if self.fan_in_fan_out else base.weight.T
+        out.addmm_(x.reshape(-1, x.shape[-1]), weight)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
     def _concatenated(self, names: tuple[str, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
         """The adapters' ``A`` stacked by rows and scaled ``B`` by columns, with each one's rank (0: not here).
 
@@ -218,7 +254,9 @@ class LoraLinear(LoraLayer):
         ranks = tuple(self.r.get(n, 0) for n in names)
         if not present:
             return None, None, ranks
-        weights = [(self.lora_A[n].weight, self.lora_B[n].weight) for n in present]
+        # straight from the modules' dicts: nn.Module.__getattr__ would cost microseconds per lookup, per layer and call
+        a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules  # type: ignore[union-attr]
+        weights = [(a_modules[n]._parameters["weight"], b_modules[n]._parameters["weight"]) for n in present]  # type: ignore[union-attr]
 
         def build() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
             lora_b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(present, weights)], dim=1)
