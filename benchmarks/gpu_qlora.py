@@ -20,7 +20,8 @@ host memory: ``offload_checkpoints=True``), ``peftkit-bf16-lora`` (the LoRA weig
 ``peftkit-whole-weight`` (each 4-bit weight rebuilt whole rather than in slices of at most
 peftkit_qlora.dequant.SLICE_BYTES: fewer launches, a larger transient), ``peftkit-compiled``
 (``compile_blocks=True``: each block's attention, MLP and norms compiled), ``peftkit-compiled-offload``
-(both options; ``-adamw-in-backward``: and the optimizer stepped in backward), ``peft-compiled-blocks`` (PEFT's model with the same regional compilation, for reference).
+(both options; ``-adamw-in-backward``: and the optimizer stepped in backward; ``-fused-adamw-in-backward``:
+fused AdamW in buckets of 64 parameters), ``peft-compiled-blocks`` (PEFT's model with the same regional compilation, for reference).
 Peaks are also given per phase of a step (forward, backward, optimizer step).
 
     python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
@@ -71,6 +72,7 @@ VARIANTS = (
     "peftkit-compiled",
     "peftkit-compiled-offload",
     "peftkit-compiled-offload-adamw-in-backward",
+    "peftkit-compiled-offload-fused-adamw-in-backward",
     "peft-compiled-blocks",
 )
 DEFAULT_VARIANTS = "peft,peftkit,peftkit-compiled,peftkit-compiled-offload,peft-compiled-blocks"
@@ -180,7 +182,11 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: Any
-    if variant.endswith("adamw-in-backward"):
+    if variant.endswith("fused-adamw-in-backward"):  # one fused AdamW kernel per bucket of about 4 blocks' LoRA weights
+        from peftkit_qlora import OptimizerInBackward
+
+        optimizer = OptimizerInBackward(params, torch.optim.AdamW, bucket_size=64, lr=2e-4, fused=True)
+    elif variant.endswith("adamw-in-backward"):
         from peftkit_qlora import OptimizerInBackward
 
         optimizer = OptimizerInBackward(params, torch.optim.AdamW, lr=2e-4)
