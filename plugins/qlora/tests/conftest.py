@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as tf
 
-from peftkit.testing.models import MODEL_KINDS, tiny_model
+from peftkit.testing.models import MODEL_KINDS, sample_inputs, tiny_model
 from peftkit_qlora import quantize_model
 from peftkit_qlora.quantize import disable_cpu_repacking
 
@@ -65,3 +65,20 @@ def logits(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
 
 def layer_types(model: torch.nn.Module) -> set[str]:
     return {type(module).__name__ for module in model.modules()}
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train(model: torch.nn.Module, optimizer: Any, steps: int = 6) -> list[float]:
+    """``steps`` training steps on the tiny Llama's sample batch (train mode); the losses."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**sample_inputs("llama", labels=True)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

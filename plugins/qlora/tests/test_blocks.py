@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import quantized
+from conftest import quantized, train, trainable
 
 import peftkit
 from peftkit import PeftkitError
@@ -57,14 +57,7 @@ def test_compiled_blocks_compute_what_the_eager_model_does() -> None:
 
 def test_compiled_blocks_train_with_dropout() -> None:
     model = lora_model(dropout=0.1, compile_blocks=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(**sample_inputs("llama", labels=True)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train(model, torch.optim.AdamW(trainable(model), lr=1e-2), steps=5)
     assert losses[-1] < losses[0], losses
 
 

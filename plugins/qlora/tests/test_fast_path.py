@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate.hooks import ModelHook, add_hook_to_module
-from conftest import quantized
+from conftest import quantized, train, trainable
 
 import peftkit
 from peftkit.testing.models import sample_inputs, tiny_model
@@ -88,15 +88,8 @@ def test_dropout_trains_and_disabling_restores_the_quantized_base() -> None:
     inputs = sample_inputs("llama")
     with torch.no_grad():
         expected = base(**inputs).logits
-    model = lora_over(base, dropout=0.1).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(**sample_inputs("llama", labels=True)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    model = lora_over(base, dropout=0.1)
+    losses = train(model, torch.optim.AdamW(trainable(model), lr=1e-2), steps=4)
     assert losses[-1] < losses[0], losses
     model.eval()
     with model.disable_adapter(), torch.no_grad():

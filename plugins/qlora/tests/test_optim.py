@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import train, trainable
 
 import peftkit
 from peftkit import PeftkitError
@@ -16,18 +17,6 @@ def lora_model() -> peftkit.PeftModel:
     base = prepare_model_for_kbit_training(quantize_model(tiny_model("llama"), bnb_4bit_compute_dtype=torch.float32))
     torch.manual_seed(0)
     return peftkit.get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def train(model: peftkit.PeftModel, optimizer: torch.optim.Optimizer | OptimizerInBackward, steps: int = 3) -> None:
-    model.train()
-    for _ in range(steps):
-        model(**sample_inputs("llama", labels=True)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 @pytest.mark.parametrize("bucket_size", [1, 5, 1000])

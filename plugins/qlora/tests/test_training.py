@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from conftest import loaded_in_4bit, quantized
+from conftest import loaded_in_4bit, quantized, train, trainable
 from torch.utils.data import Dataset
 
 import peftkit
@@ -27,22 +27,6 @@ def bf16_quantized() -> torch.nn.Module:
 def lora(model: torch.nn.Module) -> peftkit.PeftModel:
     torch.manual_seed(1)
     return peftkit.get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules="all-linear"))
-
-
-def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int = 6) -> list[float]:
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(**sample_inputs("llama", labels=True)).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
-def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
 
 
 def test_prepare_keeps_large_weights_in_their_dtype_and_training_works() -> None:
