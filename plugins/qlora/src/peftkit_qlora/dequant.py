@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from peftkit_qlora.quantize import bnb
+
 # Largest dense slice built at once: a 4096 x 4096 bf16 weight is one slice; a 4096 x 11008 one is three.
 SLICE_BYTES = 32 * 2**20
 
@@ -50,8 +52,6 @@ def dense_row_slices(weight: Any, dtype: torch.dtype, max_bytes: int | None = No
     kernel = _kernel_for(weight)
     whole = None
     if kernel is None:
-        from peftkit_qlora.quantize import bnb
-
         whole = bnb().functional.dequantize_4bit(weight.data, state).to(dtype)
     for start in range(0, out_features, rows_per_slice):
         rows = slice(start, min(start + rows_per_slice, out_features))
