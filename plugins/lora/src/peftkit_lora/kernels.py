@@ -65,9 +65,12 @@ class LoraLinearFunction(torch.autograd.Function):
         h = lora_in @ a.T
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
         out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
-        for rows, dense in _row_slices(weight, weight_slices):
-            out[:, rows].addmm_(flat_x, dense.T)
-            del dense  # a packed weight's slice is freed before the next one is built
+        if weight_slices is None:
+            out.addmm_(flat_x, weight.T)
+        else:
+            for rows, dense in weight_slices():
+                out[:, rows].addmm_(flat_x, dense.T)
+                del dense  # a packed weight's slice is freed before the next one is built
         ctx.save_for_backward(x, weight, a, b, h)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices = scaling, dropout_p, seed, weight_slices
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
@@ -90,16 +93,14 @@ class LoraLinearFunction(torch.autograd.Function):
             lora_in = seeded_dropout(flat_x, p, seed)
         grad_a = grad_h.T @ lora_in
         del lora_in
-        if grad_x is not None:
-            for rows, dense in _row_slices(weight, ctx.weight_slices):
+        if grad_x is not None and ctx.weight_slices is None:
+            grad_x = grad_x.addmm_(flat_grad, weight).view_as(x)
+        elif grad_x is not None:
+            for rows, dense in ctx.weight_slices():
                 grad_x.addmm_(flat_grad[:, rows], dense)
                 del dense
             grad_x = grad_x.view_as(x)
         return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
-
-
-def _row_slices(weight: torch.Tensor | None, weight_slices: WeightSlices | None) -> Iterable[tuple[slice, torch.Tensor]]:
-    return weight_slices() if weight_slices is not None else [(slice(None), weight)]  # type: ignore[list-item]
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
