@@ -64,8 +64,12 @@ def test_compiled_blocks_train_with_dropout() -> None:
 def test_clear_errors() -> None:
     with pytest.raises(PeftkitError, match="no checkpointable blocks"):
         compile_blocks(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    model = quantized("llama")
+    trainable_before = [p.requires_grad for p in model.parameters()]
     with pytest.raises(PeftkitError, match="use_gradient_checkpointing=True"):
-        prepare_model_for_kbit_training(quantized("llama"), use_gradient_checkpointing=False, compile_blocks=True)
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False, compile_blocks=True)
+    assert [p.requires_grad for p in model.parameters()] == trainable_before, "a refused call leaves the model as it was"
+    assert any(trainable_before)
     if torch.cuda.is_available():
         with pytest.raises(PeftkitError, match="non-reentrant"):
             prepare_model_for_kbit_training(quantized("llama"), offload_checkpoints=True, gradient_checkpointing_kwargs={"use_reentrant": True})

@@ -41,16 +41,21 @@ def compile_blocks(model: nn.Module, **compile_options: Any) -> nn.Module:
     enabled. peftkit's fused LoRA kernels step aside inside compiled code
     (the compiler fuses the plain path instead).
     """
-    blocks = list(checkpointed_blocks(model))
-    if not blocks:
+    for block in require_blocks(model):
+        for part in block.children():
+            part.compile(**compile_options)
+    return model
+
+
+def require_blocks(model: nn.Module) -> list[nn.Module]:
+    """:func:`checkpointed_blocks` as a list, or a clear error where there are none."""
+    found = list(checkpointed_blocks(model))
+    if not found:
         raise PeftkitError(
             f"compile_blocks found no checkpointable blocks in {type(model).__name__}: enable gradient checkpointing "
             "first (prepare_model_for_kbit_training does), or compile the model yourself"
         )
-    for block in blocks:
-        for part in block.children():
-            part.compile(**compile_options)
-    return model
+    return found
 
 
 class HostOffloadedCheckpoint:

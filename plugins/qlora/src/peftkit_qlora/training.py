@@ -52,6 +52,13 @@ def prepare_model_for_kbit_training(
     """
     if any(getattr(m, "is_peftkit_wrapper", False) for m in model.modules()):
         raise PeftkitError("prepare_model_for_kbit_training freezes every weight: call it before get_peft_model")
+    # every argument checked before the model changes, so that an error leaves it as it was
+    if use_gradient_checkpointing:
+        options = _checkpointing_options(model, gradient_checkpointing_kwargs, offload_checkpoints)
+    elif offload_checkpoints or compile_blocks:
+        raise PeftkitError("offload_checkpoints and compile_blocks work on checkpointed blocks: keep use_gradient_checkpointing=True")
+    if compile_blocks:
+        blocks.require_blocks(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for norm in _norm_layers(model):
@@ -59,9 +66,7 @@ def prepare_model_for_kbit_training(
             norm.to(torch.float32)
             norm.register_forward_hook(_output_in_input_dtype)
     if use_gradient_checkpointing:
-        enable_gradient_checkpointing(model, gradient_checkpointing_kwargs, offload_checkpoints)
-    elif offload_checkpoints or compile_blocks:
-        raise PeftkitError("offload_checkpoints and compile_blocks work on checkpointed blocks: keep use_gradient_checkpointing=True")
+        enable_gradient_checkpointing(model, options, offload_checkpoints)
     if memory_efficient_loss:
         use_sliced_loss(model)
     if compile_blocks:
@@ -77,22 +82,11 @@ def enable_gradient_checkpointing(
     ``offload=True`` keeps each block's input in pinned host memory between its
     forward and backward (needs a GPU and non-reentrant checkpointing).
     """
-    options = {"use_reentrant": False, **(kwargs or {})}
-    if offload and not _has_accelerator():
-        raise PeftkitError(
-            "offload_checkpoints=True moves activations from a GPU to pinned host memory; there is no GPU here"
-        )
-    if offload and options["use_reentrant"]:
-        raise PeftkitError("offload_checkpoints=True needs non-reentrant checkpointing: drop use_reentrant=True")
+    options = _checkpointing_options(model, kwargs, offload)
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
-    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     else:
-        raise PeftkitError(
-            f"{type(model).__name__} has no gradient checkpointing; pass use_gradient_checkpointing=False "
-            f"(and offload_checkpoints=False) and checkpoint its blocks yourself"
-        )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     if offload:
         for block in blocks.checkpointed_blocks(model):
             block._gradient_checkpointing_func = blocks.HostOffloadedCheckpoint(block._gradient_checkpointing_func)
@@ -101,6 +95,23 @@ def enable_gradient_checkpointing(
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", None):
         config.use_cache = False  # a cache is useless in training and conflicts with checkpointing
+
+
+def _checkpointing_options(model: nn.Module, kwargs: dict[str, Any] | None, offload: bool) -> dict[str, Any]:
+    """The checkpointing arguments (non-reentrant by default), or a clear error for what cannot work."""
+    options = {"use_reentrant": False, **(kwargs or {})}
+    if offload and not _has_accelerator():
+        raise PeftkitError(
+            "offload_checkpoints=True moves activations from a GPU to pinned host memory; there is no GPU here"
+        )
+    if offload and options["use_reentrant"]:
+        raise PeftkitError("offload_checkpoints=True needs non-reentrant checkpointing: drop use_reentrant=True")
+    if not any(callable(getattr(model, m, None)) for m in ("activation_checkpointing_enable", "gradient_checkpointing_enable")):
+        raise PeftkitError(
+            f"{type(model).__name__} has no gradient checkpointing; pass use_gradient_checkpointing=False "
+            f"(and offload_checkpoints=False) and checkpoint its blocks yourself"
+        )
+    return options
 
 
 def _has_accelerator() -> bool:
