@@ -208,15 +208,14 @@ class LoraLinear(LoraLayer):
         assert rows is not None
         if x.shape[0] != rows.index.shape[0]:
             raise ValueError(f"mixed batch: layer input has {x.shape[0]} rows, adapter_names {rows.index.shape[0]}")
-        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling):
+        if self._mixed_dropout(rows):
             return super()._mixed_forward(x, result)  # per-adapter dropout: one pass per adapter
         lora_a, lora_b, ranks = self._concatenated(rows.names)
         if lora_a is None or lora_b is None:
             return result  # none of the batch's adapters is on this layer
-        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(lora_a.dtype) @ lora_a.T  # (batch, tokens, sum of ranks)
-        h.mul_(rows.column_mask(ranks, h.dtype))
-        flat_h, flat_out = h.reshape(-1, h.shape[-1]), result.reshape(-1, result.shape[-1])
-        if result.dtype != h.dtype:
+        flat_h = _own_columns(x.to(lora_a.dtype), lora_a, rows, ranks)
+        flat_out = result.reshape(-1, result.shape[-1])
+        if result.dtype != flat_h.dtype:
             return result + (flat_h @ lora_b.T).view(result.shape).to(result.dtype)
         if torch.is_grad_enabled():
             return torch.addmm(flat_out, flat_h, lora_b.T).view(result.shape)
@@ -231,18 +230,20 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if type(base) not in (nn.Linear, Conv1D) or not fusable_call(base, x) or x.shape[0] != rows.index.shape[0]:
             return None
-        if self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling):
+        if self._mixed_dropout(rows):
             return None  # dropout applies in training mode, gradients or not: the per-adapter path
         lora_a, lora_b, ranks = self._concatenated(rows.names)
         if lora_a is None or lora_b is None or not (x.dtype == base.weight.dtype == lora_a.dtype):
             return None
-        h = x.reshape(x.shape[0], -1, x.shape[-1]) @ lora_a.T  # (batch, tokens, sum of ranks)
-        h.mul_(rows.column_mask(ranks, h.dtype))
-        flat_h = h.reshape(-1, h.shape[-1])
+        flat_h = _own_columns(x, lora_a, rows, ranks)
         out = flat_h @ lora_b.T if base.bias is None else torch.addmm(base.bias, flat_h, lora_b.T)
         weight = base.weight if self.fan_in_fan_out else base.weight.T
         out.addmm_(x.reshape(-1, x.shape[-1]), weight)
         return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _mixed_dropout(self, rows: MixedRows) -> bool:
+        """Whether dropout applies to one of the batch's adapters on this layer (training mode)."""
+        return self.training and any(isinstance(self.lora_dropout[n], nn.Dropout) for n in rows.names if n in self.scaling)
 
     def _concatenated(self, names: tuple[str, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None, tuple[int, ...]]:
         """The adapters' ``A`` stacked by rows and scaled ``B`` by columns, with each one's rank (0: not here).
@@ -360,6 +361,13 @@ class LoraConv2d(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         combined = F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3)
         return combined * self.scaling[name]
+
+
+def _own_columns(x: torch.Tensor, lora_a: torch.Tensor, rows: MixedRows, ranks: tuple[int, ...]) -> torch.Tensor:
+    """``x`` through every adapter's ``A`` at once, each row keeping only its own adapter's columns: (rows x tokens, sum of ranks)."""
+    h = x.reshape(x.shape[0], -1, x.shape[-1]) @ lora_a.T  # (batch, tokens, sum of ranks)
+    h.mul_(rows.column_mask(ranks, h.dtype))
+    return h.reshape(-1, h.shape[-1])
 
 
 def _versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
