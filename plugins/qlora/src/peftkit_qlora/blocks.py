@@ -37,9 +37,8 @@ def compile_blocks(model: nn.Module, **compile_options: Any) -> nn.Module:
     """Compile the parts (direct children) of each checkpointable block with ``torch.compile``; returns ``model``.
 
     The block itself stays uncompiled, so gradient checkpointing wraps compiled
-    code rather than being traced. Call after gradient checkpointing is
-    enabled. peftkit's fused LoRA kernels step aside inside compiled code
-    (the compiler fuses the plain path instead).
+    code rather than being traced. peftkit's fused LoRA kernels step aside
+    inside compiled code (the compiler fuses the plain path instead).
     """
     for block in require_blocks(model):
         for part in block.children():
@@ -52,8 +51,8 @@ def require_blocks(model: nn.Module) -> list[nn.Module]:
     found = list(checkpointed_blocks(model))
     if not found:
         raise PeftkitError(
-            f"compile_blocks found no checkpointable blocks in {type(model).__name__}: enable gradient checkpointing "
-            "first (prepare_model_for_kbit_training does), or compile the model yourself"
+            f"compile_blocks found no checkpointable blocks (transformers' GradientCheckpointingLayer) in "
+            f"{type(model).__name__}: compile the model or its modules yourself with torch.compile"
         )
     return found
 
