@@ -47,8 +47,8 @@ def host_costs() -> None:
         "triton seeded dropout (1024 x 4096)": lambda: seeded_dropout(x, 0.05, 7),
         "torch native dropout": lambda: torch.nn.functional.dropout(x, 0.05),
         "bnb dequantize_4bit (11008 x 4096, nested)": lambda: bnb.functional.dequantize_4bit(weight.data, weight.quant_state),
-        "peftkit dequant, 3 row slices": lambda: [d for _, d in dequant.dense_row_slices(weight, torch.bfloat16)],
-        "peftkit dequant, 1 slice": lambda: [d for _, d in dequant.dense_row_slices(weight, torch.bfloat16, 2**30)],
+        "peftkit dequant, 3 row slices": lambda: [d for _, d in dequant.dense_row_slices(weight.data, weight.quant_state, torch.bfloat16)],
+        "peftkit dequant, 1 slice": lambda: [d for _, d in dequant.dense_row_slices(weight.data, weight.quant_state, torch.bfloat16, 2**30)],
         "cast fp32 -> bf16 (16 x 4096)": lambda: a32.to(torch.bfloat16),
         "cast + mm (1024 x 4096) @ (4096 x 16)": lambda: x @ a32.to(torch.bfloat16).T,
     }
@@ -70,7 +70,7 @@ def host_costs() -> None:
         model = layer(library)
         _time_calls(f"{library} layer forward + backward", lambda model=model: model(inputs).backward(grad), 50)
     original = dequant._kernel_for
-    dequant._kernel_for = lambda weight: None  # bitsandbytes' dequantize_4bit, as before the kernel
+    dequant._kernel_for = lambda packed, state: None  # bitsandbytes' dequantize_4bit, as before the kernel
     _time_calls("peftkit layer, bnb dequantize", lambda model=model: model(inputs).backward(grad), 50)
     dequant._kernel_for = original
 

@@ -33,7 +33,7 @@ def packed_weight(shape: tuple[int, int], quant_type: str, nested: bool) -> torc
 def test_slices_rebuild_what_bitsandbytes_dequantizes(quant_type: str, nested: bool, dtype: torch.dtype) -> None:
     weight = packed_weight((70, 192), quant_type, nested)  # 70 rows: slices that end inside a scale block
     expected = bnb().functional.dequantize_4bit(weight.data, weight.quant_state)  # in the weight's own dtype, bf16
-    slices = list(dequant.dense_row_slices(weight, dtype, max_bytes=20 * 192 * torch.finfo(dtype).bits // 8))
+    slices = list(dequant.dense_row_slices(weight.data, weight.quant_state, dtype, max_bytes=20 * 192 * torch.finfo(dtype).bits // 8))
     assert [(rows.start, rows.stop) for rows, _ in slices] == [(0, 18), (18, 36), (36, 54), (54, 70)]
     rebuilt = torch.cat([dense for _, dense in slices])
     assert rebuilt.dtype == dtype
@@ -49,11 +49,11 @@ def test_rows_shorter_than_a_block_dequantize_to_the_weight() -> None:
     dense = torch.randn(16, 16)
     weight = bnb().nn.Params4bit(dense, requires_grad=False, quant_type="nf4", compress_statistics=True)
     weight = weight.to(DEVICE) if DEVICE == "cuda" else weight._quantize(DEVICE)
-    ((rows, rebuilt),) = dequant.dense_row_slices(weight, torch.float32)
+    ((rows, rebuilt),) = dequant.dense_row_slices(weight.data, weight.quant_state, torch.float32)
     assert rows == slice(0, 16)
     assert torch.linalg.norm(rebuilt.cpu() - dense) / torch.linalg.norm(dense) < 0.1  # NF4's error, about 9%
 
 
 def test_a_weight_within_the_cap_is_one_slice() -> None:
     weight = packed_weight((64, 128), "nf4", True)
-    assert [rows for rows, _ in dequant.dense_row_slices(weight, torch.bfloat16)] == [slice(0, 64)]
+    assert [rows for rows, _ in dequant.dense_row_slices(weight.data, weight.quant_state, torch.bfloat16)] == [slice(0, 64)]

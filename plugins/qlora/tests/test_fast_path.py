@@ -114,3 +114,20 @@ def test_falls_back_to_bitsandbytes_layer(case: str) -> None:
         expected = LoraLayer.forward(layer, x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert seen or case != "forward-hook"
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_the_custom_op_for_compiled_code_passes_torch_checks(nested: bool) -> None:
+    """Schema, fake (meta) implementation, autograd registration and tracing, as ``torch.library.opcheck`` tests them."""
+    base = quantize_model(tiny_model("llama"), bnb_4bit_use_double_quant=nested, bnb_4bit_compute_dtype=torch.float32)
+    layer = quant_layers(lora_over(base))[0]
+    weight, state = layer.base_layer.weight, layer.base_layer.weight.quant_state
+    nested_args = (state.state2.absmax, state.state2.code, state.offset) if nested else (None, None, None)
+    lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(2, 3, layer.in_features, requires_grad=True)
+    args = (
+        x, weight.data, state.absmax, state.code, *nested_args,
+        state.blocksize, state.state2.blocksize if nested else 0, state.quant_type, state.shape[0],
+        None, lora_a, lora_b, 2.0, 0.0,
+    )
+    torch.library.opcheck(torch.ops.peftkit_qlora.lora_4bit_linear.default, args)

@@ -37,6 +37,73 @@ from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
 WeightSlices = Callable[[], Iterable[tuple[slice, torch.Tensor]]]
 
 
+def lora_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    weight_slices: WeightSlices | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward: ``(out, a, b, h)``, where ``a``, ``b`` (LoRA weights cast, ``b`` scaled) and ``h`` are what backward needs."""
+    flat_x = x.reshape(-1, x.shape[-1])
+    lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
+    a = lora_a.to(x.dtype)
+    b = _scaled(lora_b, scaling, x.dtype)
+    h = lora_in @ a.T
+    del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
+    out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
+    if weight_slices is None:
+        assert weight is not None
+        out.addmm_(flat_x, weight.T)
+    else:
+        for rows, dense in weight_slices():
+            out[:, rows].addmm_(flat_x, dense.T)
+            del dense  # a packed weight's slice is freed before the next one is built
+    return out.view(*x.shape[:-1], out.shape[-1]), a, b, h
+
+
+def lora_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    h: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    weight_slices: WeightSlices | None,
+    input_grad: bool,
+    lora_dtypes: tuple[torch.dtype, torch.dtype],
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The fused backward from :func:`lora_forward`'s saved values: ``(grad_x or None, grad_lora_a, grad_lora_b)``."""
+    flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+    flat_x = x.reshape(-1, x.shape[-1])
+    grad_h = flat_grad @ b  # (N, r); b carries the scale
+    grad_b = _scaled(flat_grad.T @ h, scaling, lora_dtypes[1])
+    grad_x = grad_h @ a if input_grad else None
+    lora_in = flat_x
+    if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
+        lora_in, grad_x = seeded_dropout_pair(flat_x, grad_x, dropout_p, seed)
+    elif dropout_p > 0:
+        lora_in = seeded_dropout(flat_x, dropout_p, seed)
+    grad_a = grad_h.T @ lora_in
+    del lora_in
+    if grad_x is not None and weight_slices is None:
+        assert weight is not None
+        grad_x = grad_x.addmm_(flat_grad, weight).view_as(x)
+    elif grad_x is not None:
+        for rows, dense in weight_slices():
+            grad_x.addmm_(flat_grad[:, rows], dense)
+            del dense
+        grad_x = grad_x.view_as(x)
+    return grad_x, grad_a.to(lora_dtypes[0]), grad_b
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``F.linear(x, weight, bias) + scaling * (dropout(x) @ lora_a.T) @ lora_b.T`` with a lean backward.
 
@@ -58,49 +125,20 @@ class LoraLinearFunction(torch.autograd.Function):
         seed: int,
         weight_slices: WeightSlices | None = None,
     ) -> torch.Tensor:
-        flat_x = x.reshape(-1, x.shape[-1])
-        lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
-        a = lora_a.to(x.dtype)
-        b = _scaled(lora_b, scaling, x.dtype)
-        h = lora_in @ a.T
-        del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
-        out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
-        if weight_slices is None:
-            out.addmm_(flat_x, weight.T)
-        else:
-            for rows, dense in weight_slices():
-                out[:, rows].addmm_(flat_x, dense.T)
-                del dense  # a packed weight's slice is freed before the next one is built
+        out, a, b, h = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
         ctx.save_for_backward(x, weight, a, b, h)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices = scaling, dropout_p, seed, weight_slices
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, a, b, h = ctx.saved_tensors
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        flat_x = x.reshape(-1, x.shape[-1])
-        grad_h = flat_grad @ b  # (N, r); b carries the scale
-        a_dtype, b_dtype = ctx.lora_dtypes
-        grad_b = _scaled(flat_grad.T @ h, ctx.scaling, b_dtype)
-        p, seed = ctx.dropout_p, ctx.seed
-        grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
-        lora_in = flat_x
-        if p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
-            lora_in, grad_x = seeded_dropout_pair(flat_x, grad_x, p, seed)
-        elif p > 0:
-            lora_in = seeded_dropout(flat_x, p, seed)
-        grad_a = grad_h.T @ lora_in
-        del lora_in
-        if grad_x is not None and ctx.weight_slices is None:
-            grad_x = grad_x.addmm_(flat_grad, weight).view_as(x)
-        elif grad_x is not None:
-            for rows, dense in ctx.weight_slices():
-                grad_x.addmm_(flat_grad[:, rows], dense)
-                del dense
-            grad_x = grad_x.view_as(x)
-        return grad_x, None, None, grad_a.to(a_dtype), grad_b, None, None, None, None
+        grad_x, grad_a, grad_b = lora_backward(
+            grad_out, x, weight, a, b, h, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices,
+            ctx.needs_input_grad[0], ctx.lora_dtypes,
+        )
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -126,11 +164,4 @@ def lora_linear(
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         return LoraLinearFunction.apply(*args)
     with torch.no_grad():
-        return LoraLinearFunction.forward(_NoContext(), *args)
-
-
-class _NoContext:
-    """Stands in for autograd's ctx when the forward runs without autograd."""
-
-    def save_for_backward(self, *tensors: torch.Tensor | None) -> None:
-        pass
+        return lora_forward(*args)[0]

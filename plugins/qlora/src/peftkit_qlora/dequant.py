@@ -35,34 +35,34 @@ from peftkit_qlora.quantize import bnb
 SLICE_BYTES = 32 * 2**20
 
 
-def dense_row_slices(weight: Any, dtype: torch.dtype, max_bytes: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
-    """``(rows, dense)`` pairs covering a 4-bit weight (``Params4bit``), ``dense`` being those rows in ``dtype``.
+def dense_row_slices(packed: torch.Tensor, state: Any, dtype: torch.dtype, max_bytes: int | None = None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(rows, dense)`` pairs covering a 4-bit weight, ``dense`` being those rows in ``dtype``.
 
+    ``packed`` and ``state`` are a ``Params4bit``'s data and ``quant_state``.
     Slices hold at most ``max_bytes`` (default :data:`SLICE_BYTES`). On CUDA
     each is built when the iterator is advanced: drop it before asking for
     the next to keep one alive at a time. Elsewhere they are views of the
     whole matrix, dequantized once by bitsandbytes.
     """
-    state = weight.quant_state
     out_features, in_features = state.shape
     row_bytes = in_features * torch.finfo(dtype).bits // 8
     rows_per_slice = max(1, (max_bytes or SLICE_BYTES) // row_bytes)
     count = -(-out_features // rows_per_slice)
     rows_per_slice = -(-out_features // count)  # even slices: 11008 rows in 3 x 3670, not 2 x 4096 + 2816
-    kernel = _kernel_for(weight)
+    kernel = _kernel_for(packed, state)
     whole = None
     if kernel is None:
-        whole = bnb().functional.dequantize_4bit(weight.data, state).to(dtype)
+        whole = bnb().functional.dequantize_4bit(packed, state).to(dtype)
     for start in range(0, out_features, rows_per_slice):
         rows = slice(start, min(start + rows_per_slice, out_features))
-        yield rows, whole[rows] if whole is not None else _dequantize(kernel, weight.data, state, dtype, rows, in_features)
+        yield rows, whole[rows] if whole is not None else _dequantize(kernel, packed, state, dtype, rows, in_features)
 
 
-def _kernel_for(weight: Any) -> Any:
-    """The Triton kernel where it runs on ``weight``: CUDA, or Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+def _kernel_for(packed: torch.Tensor, state: Any) -> Any:
+    """The Triton kernel where it runs on ``packed``: CUDA, or Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if getattr(state, "packing_format_for_cpu", False):
         return None  # bitsandbytes' CPU layout, not the packed codes the kernel reads
-    if weight.is_cuda or (weight.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if packed.is_cuda or (packed.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
         return _triton_kernel()
     return None
 
