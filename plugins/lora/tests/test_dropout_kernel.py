@@ -7,13 +7,14 @@ import os
 import pytest
 import torch
 
-from peftkit_lora import dropout
+from peftkit_lora import dropout, launch
 
 triton_runs = dropout._triton_kernel() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-pytestmark = pytest.mark.skipif(not triton_runs, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(not triton_runs, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@needs_triton
 @pytest.mark.parametrize("p", [0.05, 0.5])
 def test_rate_scale_and_seed(p: float) -> None:
     x = torch.randn(97, 301, device=DEVICE)  # not a multiple of the block, nor of 8
@@ -25,6 +26,7 @@ def test_rate_scale_and_seed(p: float) -> None:
     assert not torch.equal(dropout._triton_dropout(x, p, seed=12) != 0, kept), "another seed, another mask"
 
 
+@needs_triton
 def test_mask_depends_on_index_only() -> None:
     """The backward pass regenerates the mask on a tensor of another dtype and values: it must be the same."""
     x = torch.randn(64, 200, device=DEVICE)
@@ -33,6 +35,7 @@ def test_mask_depends_on_index_only() -> None:
     assert torch.equal(first, again)
 
 
+@needs_triton
 def test_elements_sharing_a_random_draw_are_independent() -> None:
     """Eight elements share one Philox call (16 bits each): neighbours must not drop together."""
     kept = dropout._triton_dropout(torch.ones(4096, 64, device=DEVICE), 0.5, seed=3).reshape(-1, 8) != 0
@@ -41,6 +44,7 @@ def test_elements_sharing_a_random_draw_are_independent() -> None:
         assert abs(agreement - 0.5) < 0.02, (lane, agreement)
 
 
+@needs_triton
 def test_pair_uses_one_mask_for_both_tensors_and_masks_the_second_in_place() -> None:
     x = torch.randn(33, 70, device=DEVICE)
     t = torch.randn(33, 70, device=DEVICE, dtype=torch.float16)
@@ -50,3 +54,26 @@ def test_pair_uses_one_mask_for_both_tensors_and_masks_the_second_in_place() -> 
     assert torch.equal(dropped_x, dropout._triton_dropout(x, 0.3, 9))
     assert torch.equal(dropped_t != 0, dropped_x != 0)
     torch.testing.assert_close(dropped_t, expected_t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the cached launch applies to compiled kernels (CUDA)")
+def test_cached_launches_compute_what_triton_launches_do() -> None:
+    """After a first launch, calls like it skip Triton's argument binding; every later call must give the same result."""
+    x = torch.randn(300, 301, device=DEVICE, dtype=torch.bfloat16)
+    launches = [dropout._triton_dropout(x, 0.2, seed) for seed in (16, 17, 16, 17, 1)]  # seeds in each int class
+    assert torch.equal(launches[0], launches[2]) and torch.equal(launches[1], launches[3])
+    assert not torch.equal(launches[0], launches[1])
+    unaligned = x.view(-1)[1:].view(299, 301)  # 2 bytes off 16: always the ordinary launch
+    reference = x.view(-1)[1:].clone().view(299, 301)
+    torch.testing.assert_close(dropout._triton_dropout(unaligned, 0.2, 16), dropout._triton_dropout(reference, 0.2, 16))
+
+
+def test_launch_key_separates_what_triton_compiles_apart() -> None:
+    key = launch._specialization
+    t = torch.zeros(8)
+    assert key((t, 1), {}) != key((t, 2), {}) != key((t, 32), {}), "ints are specialized on == 1 and on % 16"
+    assert key((t, 2), {}) == key((t, 3), {}) and key((t, 16), {}) == key((t, 48), {})
+    assert key((t, 2), {}) != key((t, 2**40), {}), "64-bit ints are another signature"
+    assert key((t, 2), {"BLOCK": 8}) != key((t, 2), {"BLOCK": 16})
+    assert key((t.double(), 2), {}) != key((t, 2), {})
+    assert key((t[1:], 2), {}) is None, "unaligned pointers are left to Triton"

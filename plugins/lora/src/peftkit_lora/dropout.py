@@ -17,6 +17,8 @@ from typing import overload
 
 import torch
 
+from peftkit_lora.launch import CachedLaunch
+
 
 def draw_seed() -> int:
     """A seed from torch's global CPU generator (so ``torch.manual_seed`` makes runs repeatable)."""
@@ -77,7 +79,7 @@ def _triton_kernel():  # type: ignore[no-untyped-def]
             others = tl.load(src2 + offsets, mask=inside)
             tl.store(dst2 + offsets, tl.where(keep, others.to(tl.float32) * scale, 0.0).to(others.dtype), mask=inside)
 
-    return dropout_kernel
+    return CachedLaunch(dropout_kernel)
 
 
 @overload
@@ -94,5 +96,5 @@ def _triton_dropout(
     threshold = round(p * 65536)  # an element is dropped when its 16 random bits fall below this
     grid = ((n + block - 1) // block,)
     second = t if other is None else other
-    _triton_kernel()[grid](t, out, second, other_out, n, threshold, 1.0 / (1.0 - p), seed, PAIR=other is not None, BLOCK=block)
+    _triton_kernel()(grid, t, out, second, other_out, n, threshold, 1.0 / (1.0 - p), seed, PAIR=other is not None, BLOCK=block)
     return out if other is None else (out, other_out)

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from peftkit_lora.launch import CachedLaunch
 from peftkit_qlora.quantize import bnb
 
 # Largest dense slice built at once: a 4096 x 4096 bf16 weight is one slice; a 4096 x 11008 one is three.
@@ -77,8 +78,8 @@ def _dequantize(kernel: Any, packed: torch.Tensor, state: Any, dtype: torch.dtyp
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
     blocksize2 = state.state2.blocksize if nested else 1
-    kernel[(-(-n // block),)](
-        packed, state.absmax, state.code, scales2, code2, offset, out, rows.start * in_features, n,
+    kernel(
+        (-(-n // block),), packed, state.absmax, state.code, scales2, code2, offset, out, rows.start * in_features, n,
         BLOCKSIZE=state.blocksize, BLOCKSIZE2=blocksize2, NESTED=nested, BLOCK=block,
     )
     return out
@@ -109,4 +110,4 @@ def _triton_kernel() -> Any:
             scale = tl.load(scales + block, mask=inside, other=0.0)
         tl.store(out + local, (value * scale).to(out.dtype.element_ty), mask=inside)
 
-    return dequantize_4bit_kernel
+    return CachedLaunch(dequantize_4bit_kernel)
