@@ -2,7 +2,7 @@
 
 Uses the weights benchmarks/gpu_qlora.py writes (run it with --prepare-only first).
 
-    python benchmarks/profile_qlora.py peft|peftkit|peftkit-plain
+    python benchmarks/profile_qlora.py peft|peftkit|peftkit-plain|peftkit-compiled
     python benchmarks/profile_qlora.py host-costs   # host and GPU time of a quantized LoRA layer's ops, and of whole layers
 
 ``peftkit-plain`` runs peftkit with its quantized LoRA layers forced onto the
@@ -37,7 +37,7 @@ def host_costs() -> None:
     import peftkit
     from peftkit_lora import LoraConfig
     from peftkit_lora.dropout import seeded_dropout
-    from peftkit_qlora import dequant
+    from peftkit_qlora import dequant, fused_op
 
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     dense = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16)
@@ -69,6 +69,10 @@ def host_costs() -> None:
     for library in ("peft", "peftkit"):
         model = layer(library)
         _time_calls(f"{library} layer forward + backward", lambda model=model: model(inputs).backward(grad), 50)
+    lora = model.base_model[0]
+    lora_a, lora_b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    as_op = lambda: fused_op.lora_4bit_linear(inputs, lora.base_layer.weight, None, lora_a, lora_b, 2.0, 0.05).backward(grad)
+    _time_calls("peftkit layer as custom op (compiled code)", as_op, 50)
     original = dequant._kernel_for
     dequant._kernel_for = lambda packed, state: None  # bitsandbytes' dequantize_4bit, as before the kernel
     _time_calls("peftkit layer, bnb dequantize", lambda model=model: model(inputs).backward(grad), 50)
@@ -104,7 +108,7 @@ def main() -> None:
         from peftkit_lora import LoraConfig
         from peftkit_qlora import prepare_model_for_kbit_training
 
-        model = peftkit.get_peft_model(prepare_model_for_kbit_training(model), LoraConfig(**LORA))
+        model = peftkit.get_peft_model(prepare_model_for_kbit_training(model, compile_blocks=variant == "peftkit-compiled"), LoraConfig(**LORA))
         if variant == "peftkit-plain":
             from peftkit_lora.layers import LoraLayer
             from peftkit_qlora.layers import QuantLoraLinear

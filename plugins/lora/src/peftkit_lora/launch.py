@@ -34,7 +34,7 @@ class CachedLaunch:
         key = _specialization(args, constexprs)
         compiled = None if key is None else self._compiled.get(key)
         if compiled is not None:
-            compiled[grid](*args, *constexprs.values())
+            compiled[(*grid, 1, 1)[:3]](*args, *constexprs.values())  # a compiled kernel takes all three grid sizes
             return
         result = self._kernel[grid](*args, **constexprs)
         if key is not None and hasattr(result, "packed_metadata"):  # a compiled kernel (the interpreter returns none)
