@@ -37,7 +37,7 @@ def host_costs() -> None:
     import peftkit
     from peftkit_lora import LoraConfig
     from peftkit_lora.dropout import seeded_dropout
-    from peftkit_qlora import dequant, fused_op
+    from peftkit_qlora import dequant
 
     x = torch.randn(1024, 4096, device="cuda", dtype=torch.bfloat16)
     dense = torch.randn(11008, 4096, device="cuda", dtype=torch.bfloat16)
@@ -69,10 +69,6 @@ def host_costs() -> None:
     for library in ("peft", "peftkit"):
         model = layer(library)
         _time_calls(f"{library} layer forward + backward", lambda model=model: model(inputs).backward(grad), 50)
-    lora = model.base_model[0]
-    lora_a, lora_b = lora.lora_A["default"].weight, lora.lora_B["default"].weight
-    as_op = lambda: fused_op.lora_4bit_linear(inputs, lora.base_layer.weight, None, lora_a, lora_b, 2.0, 0.05).backward(grad)
-    _time_calls("peftkit layer as custom op (compiled code)", as_op, 50)
     original = dequant._kernel_for
     dequant._kernel_for = lambda packed, state: None  # bitsandbytes' dequantize_4bit, as before the kernel
     _time_calls("peftkit layer, bnb dequantize", lambda model=model: model(inputs).backward(grad), 50)

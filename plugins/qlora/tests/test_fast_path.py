@@ -115,19 +115,3 @@ def test_falls_back_to_bitsandbytes_layer(case: str) -> None:
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert seen or case != "forward-hook"
 
-
-@pytest.mark.parametrize("nested", [True, False])
-def test_the_custom_ops_for_compiled_code_pass_torch_checks(nested: bool) -> None:
-    """Schema, fake (meta) implementations and tracing of both ops, as ``torch.library.opcheck`` tests them."""
-    base = quantize_model(tiny_model("llama"), bnb_4bit_use_double_quant=nested, bnb_4bit_compute_dtype=torch.float32)
-    layer = quant_layers(lora_over(base))[0]
-    weight, state = layer.base_layer.weight, layer.base_layer.weight.quant_state
-    nested_args = (state.state2.absmax, state.state2.code, state.offset) if nested else (None, None, None)
-    quant = (weight.data, state.absmax, state.code, *nested_args, state.blocksize, state.state2.blocksize if nested else 0, state.quant_type, state.shape[0])
-    a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-    x = torch.randn(2, 3, layer.in_features)
-    ops = torch.ops.peftkit_qlora
-    torch.library.opcheck(ops.lora_4bit_linear.default, (x, None, a, b, 0.0, *quant))
-    _, h, seed = ops.lora_4bit_linear(x, None, a, b, 0.0, *quant)
-    grad_out = torch.randn(2, 3, layer.out_features)
-    torch.library.opcheck(ops.lora_4bit_linear_backward.default, (grad_out, x, h, seed, a, b, 0.0, *quant))

@@ -375,16 +375,14 @@ def _versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
     return tuple((t._version, t.data_ptr()) for t in tensors)
 
 
-def fusable_call(base: nn.Module, x: torch.Tensor, opaque: bool = False) -> bool:
+def fusable_call(base: nn.Module, x: torch.Tensor) -> bool:
     """Whether a fused kernel may stand in for calling ``base``: nothing must expect to see ``base`` run.
 
     No forward hooks on it or global ones, no accelerate hook (which may move
-    offloaded weights in), no autocast, and a floating-point input. Inside
-    ``torch.compile`` (which fuses the plain path itself) only an ``opaque``
-    kernel (a custom op the compiler does not trace into) may.
+    offloaded weights in), no autocast, not inside ``torch.compile`` (which
+    fuses the plain path itself), and a floating-point input.
     """
-    compiling = torch.compiler.is_compiling()
-    if compiling and not opaque or not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
+    if torch.compiler.is_compiling() or not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
         return False
     if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
         return False

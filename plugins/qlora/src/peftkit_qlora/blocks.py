@@ -37,9 +37,8 @@ def compile_blocks(model: nn.Module, **compile_options: Any) -> nn.Module:
     """Compile the parts (direct children) of each checkpointable block with ``torch.compile``; returns ``model``.
 
     The block itself stays uncompiled, so gradient checkpointing wraps compiled
-    code rather than being traced. The fused 4-bit LoRA layers run inside
-    compiled code as an opaque custom op (:mod:`peftkit_qlora.fused_op`),
-    keeping their memory use; the compiler fuses what lies between them.
+    code rather than being traced. peftkit's fused LoRA kernels step aside
+    inside compiled code (the compiler fuses the plain path instead).
     """
     for block in require_blocks(model):
         for part in block.children():

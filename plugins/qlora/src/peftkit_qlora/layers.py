@@ -12,7 +12,6 @@ from torch import nn
 from peftkit_lora.kernels import lora_linear
 from peftkit_lora.layers import LoraLinear, fusable_call
 from peftkit_qlora.dequant import dense_row_slices
-from peftkit_qlora.fused_op import lora_4bit_linear
 from peftkit_qlora.quantize import MERGED_MARK, QuantFormat, bnb, dequantized_weight
 
 
@@ -34,9 +33,7 @@ class QuantLoraLinear(LoraLinear):
     the base matmul, dropout and both LoRA products in a single node, instead
     of bitsandbytes' matmul plus a handful of small autograd ops. Single-row
     calls without gradients (token-by-token decoding) keep bitsandbytes'
-    own 4-bit kernel, which never builds the dense weight. Inside
-    ``torch.compile`` the same function runs as a custom op
-    (:mod:`peftkit_qlora.fused_op`) that the compiler does not trace into.
+    own 4-bit kernel, which never builds the dense weight.
     """
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -46,25 +43,19 @@ class QuantLoraLinear(LoraLinear):
         base = self.base_layer
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        lora_a = self.lora_A[name].weight
-        if torch.compiler.is_compiling():
-            return lora_4bit_linear(x, base.weight, base.bias, lora_a, self.lora_B[name].weight, self.scaling[name], p)
         weight_slices = functools.partial(dense_row_slices, base.weight.data, base.weight.quant_state, x.dtype)
         lora_b, scaling = self.lora_b_and_scaling(name, x.dtype)
-        return lora_linear(x, None, base.bias, lora_a, lora_b, scaling, p, weight_slices)
+        return lora_linear(x, None, base.bias, self.lora_A[name].weight, lora_b, scaling, p, weight_slices)
 
     def _quantized_fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
         base = self.base_layer
-        state = getattr(base.weight, "quant_state", None)
-        if type(base) is not bnb().nn.Linear4bit or state is None:
+        if type(base) is not bnb().nn.Linear4bit or getattr(base.weight, "quant_state", None) is None:
             return False
-        if torch.compiler.is_compiling() and getattr(state, "packing_format_for_cpu", False):
-            return False  # the custom op passes the codes in the standard layout only
         if base.bias is not None and base.bias.requires_grad:
             return False
         lora_a = self.lora_A[name].weight
         decoding = x.numel() == x.shape[-1] and not (torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad))
-        return not decoding and x.dtype == base.compute_dtype and lora_a.dtype.is_floating_point and fusable_call(base, x, opaque=True)
+        return not decoding and x.dtype == base.compute_dtype and lora_a.dtype.is_floating_point and fusable_call(base, x)
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
