@@ -54,7 +54,7 @@ def test_mixed_batch_matches_each_adapter_alone(kind: str, tmp_path: Path) -> No
     names = ["other", "__base__", "default"]
     mixed = logits(model, inputs, adapter_names=names)
     for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=1e-4)  # float32, summed in another order
     torch.testing.assert_close(logits(model, inputs), alone["default"], rtol=0, atol=0)  # no rows left behind
 
 
@@ -74,7 +74,7 @@ def test_mixed_batch_with_other_ranks_and_targets() -> None:
     names = ["other", "default", "__base__"]
     mixed = logits(model, inputs, adapter_names=names)
     for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=1e-4)  # float32, summed in another order
 
 
 def test_mixed_batch_inference_runs_fused_except_where_dropout_applies() -> None:
@@ -119,7 +119,7 @@ def test_mixed_batch_gradients_reach_each_rows_adapter() -> None:
         model(**{k: v[rows] for k, v in inputs.items()}).logits.sum().backward()
     for pname, param in model.named_parameters():
         if "lora_" in pname:
-            torch.testing.assert_close(mixed[pname], param.grad, atol=1e-5, rtol=1e-4, msg=pname)
+            torch.testing.assert_close(mixed[pname], param.grad, atol=1e-4, rtol=5e-4, msg=lambda m, pname=pname: f"{pname}: {m}")
 
 
 def test_mixed_batch_errors(tmp_path: Path) -> None:
