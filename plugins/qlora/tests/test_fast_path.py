@@ -114,4 +114,3 @@ def test_falls_back_to_bitsandbytes_layer(case: str) -> None:
         expected = LoraLayer.forward(layer, x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert seen or case != "forward-hook"
-
