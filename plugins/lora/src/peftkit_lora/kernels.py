@@ -95,13 +95,14 @@ def lora_backward(
         lora_in = seeded_dropout(flat_x, dropout_p, seed)
     grad_a = grad_h.T @ lora_in
     del lora_in
-    if grad_x is not None and weight_slices is None:
-        assert weight is not None
-        grad_x = grad_x.addmm_(flat_grad, weight).view_as(x)
-    elif grad_x is not None:
-        for rows, dense in weight_slices():
-            grad_x.addmm_(flat_grad[:, rows], dense)
-            del dense
+    if grad_x is not None:
+        if weight_slices is None:
+            assert weight is not None
+            grad_x.addmm_(flat_grad, weight)
+        else:
+            for rows, dense in weight_slices():
+                grad_x.addmm_(flat_grad[:, rows], dense)
+                del dense
         grad_x = grad_x.view_as(x)
     return grad_x, grad_a.to(lora_dtypes[0]), grad_b
 
