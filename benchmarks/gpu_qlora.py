@@ -21,8 +21,12 @@ host memory: ``offload_checkpoints=True``), ``peftkit-bf16-lora`` (the LoRA weig
 peftkit_qlora.dequant.SLICE_BYTES: fewer launches, a larger transient), ``peftkit-compiled``
 (``compile_blocks=True``: each block's attention, MLP and norms compiled), ``peftkit-compiled-offload``
 (both options; ``-adamw-in-backward``: and the optimizer stepped in backward; ``-fused-adamw-in-backward``:
-fused AdamW in buckets of 64 parameters), ``peft-compiled-blocks`` (PEFT's model with the same regional compilation, for reference).
-Peaks are also given per phase of a step (forward, backward, optimizer step).
+fused AdamW in buckets of 64 parameters), ``peft-compiled-blocks`` (PEFT's model with the same regional compilation, for reference),
+``peftkit-graphed`` (each step after the warm-up ones replayed as one CUDA graph by
+peftkit_lora.GraphedTrainingStep, AdamW(capturable=True); the step that captures the graph is one more
+warm-up step), ``peft-graphed`` (PEFT's model in the same graph, for reference).
+Peaks are also given per phase of a step (forward, backward, optimizer step), and the peak of
+torch.cuda.max_memory_reserved() over the timed steps: what the process holds, the graphs' memory pools included.
 
     python benchmarks/gpu_qlora.py --prepare-only  # first: write the random weights once (13.5 GB, a few minutes)
     python benchmarks/gpu_qlora.py                 # on a GPU: every variant, writes benchmarks/results/gpu_qlora.md
@@ -32,6 +36,7 @@ Peaks are also given per phase of a step (forward, backward, optimizer step).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -72,8 +77,10 @@ VARIANTS = (
     "peftkit-compiled-offload-adamw-in-backward",
     "peftkit-compiled-offload-fused-adamw-in-backward",
     "peft-compiled-blocks",
+    "peftkit-graphed",
+    "peft-graphed",
 )
-DEFAULT_VARIANTS = "peft,peftkit,peftkit-compiled,peftkit-compiled-offload,peft-compiled-blocks"
+DEFAULT_VARIANTS = "peft,peftkit,peftkit-graphed,peftkit-compiled,peftkit-compiled-offload,peft-compiled-blocks,peft-graphed"
 GIB = 2**30
 
 
@@ -188,10 +195,26 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
         from peftkit_qlora import OptimizerInBackward
 
         optimizer = OptimizerInBackward(params, torch.optim.AdamW, lr=2e-4)
+    elif variant.endswith("graphed"):
+        optimizer = torch.optim.AdamW(params, lr=2e-4, capturable=True)
     else:
         optimizer = torch.optim.AdamW(params, lr=2e-4, fused=True if variant.endswith("fused-adamw") else None)
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = {"input_ids": tokens, "labels": tokens, "use_cache": False}
+
+    def eager_step() -> torch.Tensor:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    train_step: Any = eager_step
+    if variant.endswith("graphed"):
+        from peftkit_lora import GraphedTrainingStep
+
+        train_step = functools.partial(GraphedTrainingStep(model, optimizer, warmup_steps=args.warmup), batch)
 
     def sync() -> None:
         if cuda:
@@ -203,19 +226,23 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
         torch.cuda.reset_peak_memory_stats(device)
     setup_bytes = torch.cuda.memory_allocated(device) if cuda else 0
     times, losses = [], []
-    for _ in range(args.warmup + args.steps):
+    warmup_peak = 0
+    warmup = args.warmup + (1 if train_step is not eager_step else 0)  # the capture is a warm-up step too
+    for index in range(warmup + args.steps):
+        if index == warmup and cuda:  # from here the reserved peak: what the timed steps hold, graph pools included
+            sync()
+            warmup_peak = torch.cuda.max_memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
         sync()
         began = time.perf_counter()
-        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = train_step()
         sync()
         times.append(time.perf_counter() - began)
         losses.append(loss.item())
-    peak_bytes = torch.cuda.max_memory_allocated(device) if cuda else 0
+    peak_bytes = max(warmup_peak, torch.cuda.max_memory_allocated(device)) if cuda else 0
+    reserved_bytes = torch.cuda.max_memory_reserved(device) if cuda else 0
     phase_gib, backward_top = None, []
-    if args.phases and cuda:  # one more step, synchronizing between phases (not timed)
+    if args.phases and cuda and train_step is eager_step:  # one more step, synchronizing between phases (not timed)
         phase_gib = {}
 
         def phase_done(phase: str) -> None:
@@ -238,10 +265,11 @@ def run_variant(variant: str, folder: Path, args: argparse.Namespace) -> dict[st
     return {
         "variant": variant,
         "peak_gib": peak_bytes / GIB if cuda else None,
+        "reserved_gib": reserved_bytes / GIB if cuda else None,
         "phase_gib": phase_gib,
         "backward_top": backward_top,
         "setup_gib": setup_bytes / GIB if cuda else None,
-        "median_ms": 1000 * statistics.median(times[args.warmup :]),
+        "median_ms": 1000 * statistics.median(times[warmup:]),
         "trainable": sum(p.numel() for p in params),
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -276,9 +304,11 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, shape: dict[s
         (
             f"Model: Llama shape {shape}, random bf16 weights loaded 4-bit (NF4, double quantization, bf16 compute) "
             f"by transformers' BitsAndBytesConfig. LoRA r=16, alpha 32, dropout 0.05, all linear layers; gradient "
-            f"checkpointing; batch {args.batch} x {args.seq_len} tokens; torch.optim.AdamW (lr 2e-4; fused=True in the fused-adamw variants). Peak = "
-            f"torch.cuda.max_memory_allocated over the {args.warmup} warm-up + {args.steps} timed steps (reset "
-            f"after loading); step time = median of the timed steps. One fresh process per variant."
+            f"checkpointing; batch {args.batch} x {args.seq_len} tokens; torch.optim.AdamW (lr 2e-4; fused=True in the fused-adamw variants, capturable=True in the graphed ones). Peak = "
+            f"torch.cuda.max_memory_allocated over the {args.warmup} warm-up (graphed variants: and the capture) + {args.steps} timed steps (reset "
+            f"after loading); reserved = torch.cuda.max_memory_reserved over the timed steps (what the "
+            f"process holds, cached blocks and CUDA graphs' memory pools included); step time = median of the timed "
+            f"steps. One fresh process per variant."
         ),
         "",
         f"Environment: {_environment(args.device)}.",
@@ -286,18 +316,19 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, shape: dict[s
         "peak by phase = the peak within the forward, backward and optimizer step of one extra (untimed) step.",
         "",
         (
-            "| variant | peak GiB | median step ms | step time vs PEFT | after-load GiB | peak by phase GiB "
-            "| trainable params | embeddings | loss first -> last |"
+            "| variant | peak GiB | median step ms | step time vs PEFT | reserved GiB (timed steps) | after-load GiB "
+            "| peak by phase GiB | trainable params | embeddings | loss first -> last |"
         ),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         peak = f"{row['peak_gib']:.2f}" if row["peak_gib"] is not None else "n/a (CPU)"
         setup = f"{row['setup_gib']:.2f}" if row["setup_gib"] is not None else "n/a"
+        reserved = f"{row['reserved_gib']:.2f}" if row.get("reserved_gib") is not None else "n/a"
         ratio = f"{row['median_ms'] / base['median_ms']:.2f}x" if base else "-"
         phases = " / ".join(f"{k} {v:.2f}" for k, v in (row["phase_gib"] or {}).items()) or "-"
         lines.append(
-            f"| {row['variant']} | {peak} | {row['median_ms']:.0f} | {ratio} | {setup} | {phases} | {row['trainable']:,} | "
+            f"| {row['variant']} | {peak} | {row['median_ms']:.0f} | {ratio} | {reserved} | {setup} | {phases} | {row['trainable']:,} | "
             f"{row['embedding_dtype']} | {row['loss_first']:.3f} -> {row['loss_last']:.3f} |"
         )
     for row in rows:
@@ -344,8 +375,8 @@ def main() -> None:
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             parser.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        if "offload" in variant and args.device == "cpu":
-            print(f"{variant:>18}: skipped (offloading activations to the host needs a GPU)")
+        if ("offload" in variant or "graphed" in variant) and args.device == "cpu":
+            print(f"{variant:>18}: skipped (offloading activations to the host and CUDA graphs need a GPU)")
             continue
         command = [
             sys.executable,

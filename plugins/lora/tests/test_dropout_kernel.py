@@ -56,6 +56,23 @@ def test_pair_uses_one_mask_for_both_tensors_and_masks_the_second_in_place() -> 
     torch.testing.assert_close(dropped_t, expected_t)
 
 
+@needs_triton
+def test_salt_keys_the_masks_of_each_graph_replay() -> None:
+    """A CUDA graph replays its captured seeds; the salt it advances by ``1 << 32`` per replay must give new masks."""
+    x = torch.ones(64, 256, device=DEVICE)
+    salt = dropout.seed_salt(x.device)
+    kept = salt.clone()  # graphs replayed by other tests have advanced it
+    masks = []
+    try:
+        for replay in range(3):
+            salt.fill_(replay << 32)
+            masks.append(dropout._triton_dropout(x, 0.5, seed=7) != 0)
+            assert torch.equal(dropout._triton_dropout(x, 0.5, seed=7) != 0, masks[-1]), "same seed and salt, same mask"
+    finally:
+        salt.copy_(kept)
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cached launch applies to compiled kernels (CUDA)")
 def test_cached_launches_compute_what_triton_launches_do() -> None:
     """After a first launch, calls like it skip Triton's argument binding; every later call must give the same result."""

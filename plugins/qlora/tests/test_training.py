@@ -160,3 +160,35 @@ def test_trainer_with_a_transformers_4bit_base(tmp_path: Path) -> None:
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
         _trainer(model, tmp_path, "paged_adamw_32bit").train()
     assert all(not torch.equal(p, b) for p, b in zip(trainable(model), before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_steps_train_a_4bit_model_as_eager_steps_do() -> None:
+    """GraphedTrainingStep over the fused 4-bit layers (checkpointed, with a padding mask): eager steps' losses and weights."""
+    from peftkit_lora import GraphedTrainingStep
+
+    data = [{k: v.cuda() for k, v in sample_inputs("llama", labels=True, seed=seed).items()} for seed in range(5)]
+
+    def trained(graphed: bool) -> tuple[list[float], list[torch.Tensor]]:
+        base = quantize_model(tiny_model("llama"), device="cuda", bnb_4bit_compute_dtype=torch.float32)
+        torch.manual_seed(1)
+        model = peftkit.get_peft_model(prepare_model_for_kbit_training(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        optimizer = torch.optim.AdamW(trainable(model), lr=1e-2, capturable=True)
+        if graphed:
+            step = GraphedTrainingStep(model.train(), optimizer, warmup_steps=2)
+            losses = [step(batch).item() for batch in data]
+        else:
+            losses = []
+            for batch in data:
+                optimizer.zero_grad(set_to_none=True)
+                loss = model.train()(**batch).loss
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+        return losses, [p.detach() for p in trainable(model)]
+
+    eager_losses, eager_weights = trained(graphed=False)
+    graphed_losses, graphed_weights = trained(graphed=True)
+    assert graphed_losses == pytest.approx(eager_losses, rel=1e-4)
+    for eager, graphed in zip(eager_weights, graphed_weights, strict=True):
+        torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)

@@ -8,6 +8,14 @@ full Philox per element (``tl.rand``) made the mask cost about four times
 the memory traffic of the pass. Elsewhere torch's generator does the same job
 in two passes. Either way the same seed and shape give the same mask, and kept
 elements are scaled by ``1 / (1 - p)`` (in float32).
+
+The CUDA kernel also reads a per-device *salt* from GPU memory (see
+:func:`seed_salt`), added to the seed before drawing: zero unless a CUDA
+graph advances it. A graph replays the seeds its capture drew on the host,
+so :class:`peftkit_lora.GraphedTrainingStep` adds ``1 << 32`` to the salt at
+the start of each replay: every replay then draws fresh masks (Philox keyed
+by the replay count in the seed's high word and the host seed in its low
+word), and a checkpointed block's recomputation still draws its forward's.
 """
 
 from __future__ import annotations
@@ -18,6 +26,16 @@ from typing import overload
 import torch
 
 from peftkit_lora.launch import CachedLaunch
+
+_salts: dict[torch.device, torch.Tensor] = {}
+
+
+def seed_salt(device: torch.device) -> torch.Tensor:
+    """The device's dropout seed salt: one int64 in GPU memory, added to every seed the CUDA kernel draws with."""
+    salt = _salts.get(device)
+    if salt is None:
+        salt = _salts[device] = torch.zeros(1, dtype=torch.int64, device=device)
+    return salt
 
 
 def draw_seed() -> int:
@@ -65,9 +83,9 @@ def _triton_kernel():  # type: ignore[no-untyped-def]
 
     # a seed that happens to divide by 16 must not compile a second kernel in the middle of training
     @triton.jit(do_not_specialize=["seed"])
-    def dropout_kernel(src, dst, src2, dst2, n, threshold, scale, seed, PAIR: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def dropout_kernel(src, dst, src2, dst2, n, threshold, scale, seed, salt, PAIR: tl.constexpr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
         groups = tl.program_id(0) * (BLOCK // 8) + tl.arange(0, BLOCK // 8)  # 8 elements per Philox call
-        r0, r1, r2, r3 = tl.randint4x(seed, groups)
+        r0, r1, r2, r3 = tl.randint4x(seed + tl.load(salt), groups)
         lane = tl.arange(0, 8)[None, :]
         word = tl.where(lane < 2, r0[:, None], tl.where(lane < 4, r1[:, None], tl.where(lane < 6, r2[:, None], r3[:, None])))
         bits = tl.where(lane % 2 == 0, word, word >> 16) & 0xFFFF
@@ -97,5 +115,6 @@ def _triton_dropout(
     threshold = round(p * 65536)  # an element is dropped when its 16 random bits fall below this
     grid = ((n + block - 1) // block,)
     second = t if other is None else other
-    _triton_kernel()(grid, t, out, second, other_out, n, threshold, 1.0 / (1.0 - p), seed, PAIR=other is not None, BLOCK=block)
+    salt = seed_salt(t.device)
+    _triton_kernel()(grid, t, out, second, other_out, n, threshold, 1.0 / (1.0 - p), seed, salt, PAIR=other is not None, BLOCK=block)
     return out if other is None else (out, other_out)
