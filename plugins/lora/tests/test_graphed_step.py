@@ -52,6 +52,8 @@ def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
         GraphedTrainingStep(model, torch.optim.AdamW(params, lr=1e-3))
     with pytest.raises(ValueError, match="warmup_steps must be at least 1"):
         GraphedTrainingStep(model, adamw(model), warmup_steps=0)
+    with pytest.raises(ValueError, match="accumulation_steps must be at least 1"):
+        GraphedTrainingStep(model, adamw(model), accumulation_steps=0)
 
 
 @needs_cuda
@@ -72,6 +74,32 @@ def test_replays_train_as_eager_steps_do() -> None:
     step = GraphedTrainingStep(graphed, adamw(graphed), warmup_steps=3)
     losses = [step(batch).item() for batch in data]
     assert step._graph is not None, "steps 4 to 6 were replays"
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@needs_cuda
+def test_accumulating_replays_train_as_eager_accumulation_does() -> None:
+    """Two batches per clipped optimizer step: two eager steps, then a capture and replays; eight batches in all."""
+    data = batches(8, "cuda")
+    eager = lora_llama("cuda")
+    optimizer = adamw(eager)
+    trainable = [p for p in eager.parameters() if p.requires_grad]
+    eager_losses = []
+    for index, batch in enumerate(data):
+        loss = eager(**batch).loss
+        (loss / 2).backward()
+        eager_losses.append(loss.item())
+        if index % 2 == 1:
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    graphed = lora_llama("cuda")
+    step = GraphedTrainingStep(graphed, adamw(graphed), warmup_steps=2, accumulation_steps=2, max_grad_norm=1.0)
+    losses = [step(batch).item() for batch in data]
+    assert step._graph is not None and step._update is not None, "the last four batches were replays"
     assert losses == pytest.approx(eager_losses, rel=1e-4)
     for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
         torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)

@@ -24,8 +24,10 @@ What a replay needs, and :class:`GraphedTrainingStep` sees to:
   optimizer's state) happens before the capture, and only one stream besides
   the caller's holds a cuBLAS workspace.
 
-Gradients are overwritten, not accumulated, by each step (the capture starts
-with none); gradient clipping can be captured too (``max_grad_norm``).
+Gradient accumulation (``accumulation_steps``) replays a second graph, the
+update (clipping, optimizer step, zeroed gradients), after every so many
+forward-and-backward replays; the two graphs share one memory pool. Without
+it, each replay writes the gradients afresh (the capture starts with none).
 """
 
 from __future__ import annotations
@@ -52,14 +54,20 @@ def model_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 class GraphedTrainingStep:
-    """``step(batch)`` trains ``model`` one step on ``batch`` and returns the loss; from the capture on, as a CUDA graph replay.
+    """``step(batch)`` trains ``model`` on ``batch`` and returns its loss; from the capture on, as CUDA graph replays.
+
+    Each call takes one (micro-)batch; every ``accumulation_steps``-th call
+    also clips the gradients and steps the optimizer (the losses' backward is
+    scaled by ``1 / accumulation_steps``, so the update is that of the batches'
+    mean loss).
 
     Args:
         model: the model (its trainable parameters on one CUDA device).
         optimizer: over the trainable parameters, created with ``capturable=True`` or ``fused=True``.
         loss_fn: ``loss_fn(model, batch)``; default ``model(**batch).loss``.
-        warmup_steps: eager steps before the capture (at least 1).
+        warmup_steps: eager optimizer steps before the capture (at least 1).
         max_grad_norm: clip the gradients' global norm to this before each optimizer step.
+        accumulation_steps: batches whose gradients are summed into each optimizer step.
     """
 
     def __init__(
@@ -70,6 +78,7 @@ class GraphedTrainingStep:
         *,
         warmup_steps: int = 3,
         max_grad_norm: float | None = None,
+        accumulation_steps: int = 1,
     ) -> None:
         for group in optimizer.param_groups:
             if not (group.get("capturable") or group.get("fused")):
@@ -79,6 +88,8 @@ class GraphedTrainingStep:
                 )
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1 (lazy initialization must happen before the capture), got {warmup_steps}")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
         self.params = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in self.params}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
@@ -86,10 +97,11 @@ class GraphedTrainingStep:
             raise ValueError(f"GraphedTrainingStep needs the trainable parameters on one CUDA device, found {found}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.device = next(iter(devices))
-        self.warmup_steps, self.max_grad_norm = warmup_steps, max_grad_norm
-        self.steps = 0
+        self.warmup_steps, self.max_grad_norm, self.accumulation_steps = warmup_steps, max_grad_norm, accumulation_steps
+        self.calls = 0
         self._stream = torch.cuda.Stream(self.device)
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graph: torch.cuda.CUDAGraph | None = None  # forward and backward (and, without accumulation, the update)
+        self._update: torch.cuda.CUDAGraph | None = None  # with accumulation: clipping, optimizer step, zeroed gradients
         self._static_batch: dict[str, Any] = {}
         self._static_loss: torch.Tensor | None = None
         self._captured_lrs: list[Any] = []
@@ -97,8 +109,9 @@ class GraphedTrainingStep:
     def __call__(self, batch: Batch) -> torch.Tensor:
         """One training step on ``batch``; returns the loss (a new tensor on the GPU, not synchronized)."""
         self._check_devices(batch)
-        if self._graph is None and self.steps < self.warmup_steps:
-            loss = self._eager_step(batch)
+        updates = (self.calls + 1) % self.accumulation_steps == 0
+        if self._graph is None and self.calls < self.warmup_steps * self.accumulation_steps:
+            loss = self._eager_step(batch, updates)
         else:
             if self._graph is None:
                 self._capture(batch)
@@ -107,37 +120,59 @@ class GraphedTrainingStep:
             self._check_learning_rates()
             assert self._graph is not None and self._static_loss is not None
             self._graph.replay()
+            if self._update is not None and updates:
+                self._update.replay()
             loss = self._static_loss.clone()
-        self.steps += 1
+        self.calls += 1
         return loss
 
-    def _step(self, batch: Batch) -> torch.Tensor:
+    def _backward(self, batch: Batch) -> torch.Tensor:
         loss = self.loss_fn(self.model, batch)
-        loss.backward()
+        (loss / self.accumulation_steps if self.accumulation_steps > 1 else loss).backward()
+        return loss.detach()
+
+    def _update_weights(self) -> None:
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm, foreach=True)
         self.optimizer.step()
-        return loss.detach()
 
-    def _eager_step(self, batch: Batch) -> torch.Tensor:
+    def _eager_step(self, batch: Batch, updates: bool) -> torch.Tensor:
         caller = torch.cuda.current_stream(self.device)
         self._stream.wait_stream(caller)
         with torch.cuda.stream(self._stream):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._step(batch)
+            if self.calls % self.accumulation_steps == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+            loss = self._backward(batch)
+            if updates:
+                self._update_weights()
         caller.wait_stream(self._stream)
         return loss
 
     def _capture(self, batch: Batch) -> None:
+        """Capture the step at the start of an accumulation cycle; the caller then replays it."""
         self._static_batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         salt = seed_salt(self.device)
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates the gradients it then rewrites
+        self.optimizer.zero_grad(set_to_none=True)
+        accumulating = self.accumulation_steps > 1
+        if accumulating:  # gradients that the graph's backward adds into and the update graph zeroes
+            for param in self.params:
+                param.grad = torch.zeros_like(param)
+        grads = [param.grad for param in self.params]  # without accumulation, none: backward allocates them in the graph
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
+        update = torch.cuda.CUDAGraph() if accumulating else None
         try:
             with torch.cuda.graph(graph, stream=self._stream):
                 salt.add_(SALT_PER_REPLAY)
-                self._static_loss = self._step(self._static_batch)
+                self._static_loss = self._backward(self._static_batch)
+                if update is None:
+                    self._update_weights()
+            if update is not None:
+                if any(param.grad is not grad for param, grad in zip(self.params, grads, strict=True)):
+                    raise RuntimeError("backward replaced a gradient instead of adding into it")
+                with torch.cuda.graph(update, pool=graph.pool(), stream=self._stream):  # replayed after it, so they share memory
+                    self._update_weights()
+                    torch._foreach_zero_([grad for grad in grads if grad is not None])
         except Exception as error:
             self.optimizer.zero_grad(set_to_none=True)
             raise RuntimeError(
@@ -145,7 +180,7 @@ class GraphedTrainingStep:
                 "the host (.item(), data-dependent shapes or branches) or copies to host memory (offload_checkpoints) "
                 "cannot be: train it without GraphedTrainingStep"
             ) from error
-        self._graph = graph
+        self._graph, self._update = graph, update
         self._captured_lrs = [group["lr"] for group in self.optimizer.param_groups]
         torch.cuda.empty_cache()  # hand back what the eager warm-up steps left cached outside the graph's pool
 
