@@ -54,6 +54,9 @@ def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
         GraphedTrainingStep(model, adamw(model), warmup_steps=0)
     with pytest.raises(ValueError, match="accumulation_steps must be at least 1"):
         GraphedTrainingStep(model, adamw(model), accumulation_steps=0)
+    model.base_model.model.layers[0].mlp.compile()
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp is compiled with torch\.compile"):
+        GraphedTrainingStep(model, adamw(model))
 
 
 @needs_cuda

@@ -90,6 +90,12 @@ class GraphedTrainingStep:
             raise ValueError(f"warmup_steps must be at least 1 (lazy initialization must happen before the capture), got {warmup_steps}")
         if accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be at least 1, got {accumulation_steps}")
+        compiled = next((name or "the model" for name, m in model.named_modules() if _is_compiled(m)), None)
+        if compiled is not None:
+            raise ValueError(
+                f"{compiled} is compiled with torch.compile (compile_blocks=True does this), with which capturing the "
+                "step failed (the stream capture was invalidated): use either compiled modules or GraphedTrainingStep"
+            )
         self.params = [p for p in model.parameters() if p.requires_grad]
         devices = {p.device for p in self.params}
         if len(devices) != 1 or next(iter(devices)).type != "cuda":
@@ -217,3 +223,9 @@ class GraphedTrainingStep:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.device != self.device:
                 raise ValueError(f"batch[{key!r}] is on {value.device}; the step runs on {self.device}: move the batch there first")
+
+
+def _is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs through torch.compile: ``torch.compile(module)`` or ``module.compile()``."""
+    wraps = isinstance(getattr(module, "_orig_mod", None), torch.nn.Module)  # torch.compile's OptimizedModule
+    return wraps or module.__dict__.get("_compiled_call_impl") is not None
