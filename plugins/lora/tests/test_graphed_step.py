@@ -130,7 +130,7 @@ def test_each_replay_draws_new_masks_and_recomputation_draws_the_forwards() -> N
 
 
 @needs_cuda
-def test_refuses_batches_and_learning_rates_the_graph_cannot_replay() -> None:
+def test_refuses_batches_models_and_learning_rates_the_graph_cannot_replay() -> None:
     model = lora_llama("cuda")
     optimizer = adamw(model)
     step = GraphedTrainingStep(model, optimizer, warmup_steps=1)
@@ -144,6 +144,14 @@ def test_refuses_batches_and_learning_rates_the_graph_cannot_replay() -> None:
         step({"input_ids": batch["input_ids"]})
     with pytest.raises(ValueError, match="move the batch there first"):
         step({k: v.cpu() for k, v in batch.items()})
+    model.eval()
+    with pytest.raises(ValueError, match="captured in training mode"):
+        step(batch)
+    model.train()
+    frozen = next(p for p in model.parameters() if p.requires_grad).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable parameters changed since this GraphedTrainingStep was made"):
+        step(batch)
+    frozen.requires_grad_(True)
     optimizer.param_groups[0]["lr"] = 1e-3
     with pytest.raises(ValueError, match="tensor learning rate"):
         step(batch)

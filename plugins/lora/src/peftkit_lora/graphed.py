@@ -111,10 +111,12 @@ class GraphedTrainingStep:
         self._static_batch: dict[str, Any] = {}
         self._static_loss: torch.Tensor | None = None
         self._captured_lrs: list[Any] = []
+        self._captured_training = True
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         """One training step on ``batch``; returns the loss (a new tensor on the GPU, not synchronized)."""
         self._check_devices(batch)
+        self._check_model_unchanged()
         updates = (self.calls + 1) % self.accumulation_steps == 0
         if self._graph is None and self.calls < self.warmup_steps * self.accumulation_steps:
             loss = self._eager_step(batch, updates)
@@ -188,6 +190,7 @@ class GraphedTrainingStep:
             ) from error
         self._graph, self._update = graph, update
         self._captured_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self._captured_training = self.model.training
         torch.cuda.empty_cache()  # hand back what the eager warm-up steps left cached outside the graph's pool
 
     def _load(self, batch: Batch) -> None:
@@ -208,6 +211,18 @@ class GraphedTrainingStep:
         for key, value in batch.items():
             if isinstance(value, torch.Tensor):
                 static[key].copy_(value, non_blocking=True)
+
+    def _check_model_unchanged(self) -> None:
+        """The step trains the parameters it was made for, and replays in the mode it captured: refuse a model changed since."""
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if len(trainable) != len(self.params) or any(p is not q for p, q in zip(trainable, self.params, strict=False)):
+            raise ValueError(
+                "the model's trainable parameters changed since this GraphedTrainingStep was made (set_adapter, "
+                "requires_grad_, a new adapter), which its graph and clipping would not see: make a new one"
+            )
+        if self._graph is not None and self.model.training != self._captured_training:
+            mode = "training" if self._captured_training else "eval"
+            raise ValueError(f"the step was captured in {mode} mode and replays it: switch the model back to {mode} mode")
 
     def _check_learning_rates(self) -> None:
         for group, captured in zip(self.optimizer.param_groups, self._captured_lrs, strict=True):
