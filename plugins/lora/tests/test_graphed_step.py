@@ -39,8 +39,8 @@ def batches(n: int, device: str) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": i, "labels": i} for i in ids]
 
 
-def adamw(model: torch.nn.Module, lr: float | torch.Tensor = 1e-2) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, capturable=True)
+def adamw(model: torch.nn.Module, lr: float | torch.Tensor = 1e-2, fused: bool = False) -> torch.optim.AdamW:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, capturable=True, fused=fused)
 
 
 def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
@@ -48,8 +48,9 @@ def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
     with pytest.raises(ValueError, match="one CUDA device, found cpu"):
         GraphedTrainingStep(model, adamw(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    with pytest.raises(ValueError, match="capturable=True"):
-        GraphedTrainingStep(model, torch.optim.AdamW(params, lr=1e-3))
+    for plain in (torch.optim.AdamW(params, lr=1e-3), torch.optim.AdamW(params, lr=1e-3, fused=True)):
+        with pytest.raises(ValueError, match="capturable=True"):
+            GraphedTrainingStep(model, plain)
     with pytest.raises(ValueError, match="warmup_steps must be at least 1"):
         GraphedTrainingStep(model, adamw(model), warmup_steps=0)
     with pytest.raises(ValueError, match="accumulation_steps must be at least 1"):
@@ -60,11 +61,12 @@ def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
 
 
 @needs_cuda
-def test_replays_train_as_eager_steps_do() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_replays_train_as_eager_steps_do(fused: bool) -> None:
     """Six steps on six batches: three eager warm-ups, the capture's replay, two more replays; the same as six eager steps."""
     data = batches(6, "cuda")
     eager = lora_llama("cuda")
-    optimizer = adamw(eager)
+    optimizer = adamw(eager, fused=fused)
     eager_losses = []
     for batch in data:
         optimizer.zero_grad(set_to_none=True)
@@ -74,7 +76,7 @@ def test_replays_train_as_eager_steps_do() -> None:
         eager_losses.append(loss.item())
 
     graphed = lora_llama("cuda")
-    step = GraphedTrainingStep(graphed, adamw(graphed), warmup_steps=3)
+    step = GraphedTrainingStep(graphed, adamw(graphed, fused=fused), warmup_steps=3)
     losses = [step(batch).item() for batch in data]
     assert step._graph is not None, "steps 4 to 6 were replays"
     assert losses == pytest.approx(eager_losses, rel=1e-4)

@@ -11,7 +11,7 @@ What a replay needs, and :class:`GraphedTrainingStep` sees to:
 - fixed shapes: each batch is copied into the tensors the capture read
   (a batch of another shape or dtype is refused: pad to one length);
 - an optimizer whose step runs on the GPU without reading values back
-  (``capturable=True`` or ``fused=True``), and a learning rate that is either
+  (``capturable=True``, with or without ``fused=True``), and a learning rate that is either
   constant or a tensor changed in place (a changed float would be ignored by
   the replay, so it is refused);
 - fresh dropout masks each step: LoRA's seeded dropout draws its seeds on the
@@ -63,7 +63,7 @@ class GraphedTrainingStep:
 
     Args:
         model: the model (its trainable parameters on one CUDA device).
-        optimizer: over the trainable parameters, created with ``capturable=True`` or ``fused=True``.
+        optimizer: over the trainable parameters, created with ``capturable=True`` (``fused=True`` may be added).
         loss_fn: ``loss_fn(model, batch)``; default ``model(**batch).loss``.
         warmup_steps: eager optimizer steps before the capture (at least 1).
         max_grad_norm: clip the gradients' global norm to this before each optimizer step.
@@ -81,10 +81,11 @@ class GraphedTrainingStep:
         accumulation_steps: int = 1,
     ) -> None:
         for group in optimizer.param_groups:
-            if not (group.get("capturable") or group.get("fused")):
+            if not group.get("capturable"):
                 raise ValueError(
-                    f"{type(optimizer).__name__} cannot be captured in a CUDA graph as created: "
-                    "create it with capturable=True (or fused=True), e.g. torch.optim.AdamW(params, lr=..., capturable=True)"
+                    f"{type(optimizer).__name__} cannot be captured in a CUDA graph as created (torch captures an "
+                    "optimizer step only with capturable=True, fused or not): create it with capturable=True, e.g. "
+                    "torch.optim.AdamW(params, lr=..., capturable=True)"
                 )
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1 (lazy initialization must happen before the capture), got {warmup_steps}")
