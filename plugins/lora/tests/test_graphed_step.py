@@ -60,54 +60,55 @@ def test_refuses_a_cpu_model_and_an_optimizer_it_cannot_capture() -> None:
         GraphedTrainingStep(model, adamw(model))
 
 
+def train_eagerly(
+    data: list[dict[str, torch.Tensor]], accumulation_steps: int = 1, max_grad_norm: float | None = None, fused: bool = False
+) -> tuple[torch.nn.Module, list[float]]:
+    """The reference GraphedTrainingStep must match: an eager loop, stepping (and clipping) every accumulation_steps batches."""
+    model = lora_llama("cuda")
+    optimizer = adamw(model, fused=fused)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for index, batch in enumerate(data):
+        loss = model(**batch).loss
+        (loss / accumulation_steps).backward()
+        losses.append(loss.item())
+        if (index + 1) % accumulation_steps == 0:
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return model, losses
+
+
+def assert_trained_alike(graphed: torch.nn.Module, losses: list[float], eager: torch.nn.Module, eager_losses: list[float]) -> None:
+    assert losses == pytest.approx(eager_losses, rel=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
+        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)
+
+
 @needs_cuda
 @pytest.mark.parametrize("fused", [False, True])
 def test_replays_train_as_eager_steps_do(fused: bool) -> None:
     """Six steps on six batches: three eager warm-ups, the capture's replay, two more replays; the same as six eager steps."""
     data = batches(6, "cuda")
-    eager = lora_llama("cuda")
-    optimizer = adamw(eager, fused=fused)
-    eager_losses = []
-    for batch in data:
-        optimizer.zero_grad(set_to_none=True)
-        loss = eager(**batch).loss
-        loss.backward()
-        optimizer.step()
-        eager_losses.append(loss.item())
-
+    eager, eager_losses = train_eagerly(data, fused=fused)
     graphed = lora_llama("cuda")
     step = GraphedTrainingStep(graphed, adamw(graphed, fused=fused), warmup_steps=3)
     losses = [step(batch).item() for batch in data]
     assert step._graph is not None, "steps 4 to 6 were replays"
-    assert losses == pytest.approx(eager_losses, rel=1e-4)
-    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
-        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)
+    assert_trained_alike(graphed, losses, eager, eager_losses)
 
 
 @needs_cuda
 def test_accumulating_replays_train_as_eager_accumulation_does() -> None:
     """Two batches per clipped optimizer step: two eager steps, then a capture and replays; eight batches in all."""
     data = batches(8, "cuda")
-    eager = lora_llama("cuda")
-    optimizer = adamw(eager)
-    trainable = [p for p in eager.parameters() if p.requires_grad]
-    eager_losses = []
-    for index, batch in enumerate(data):
-        loss = eager(**batch).loss
-        (loss / 2).backward()
-        eager_losses.append(loss.item())
-        if index % 2 == 1:
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    eager, eager_losses = train_eagerly(data, accumulation_steps=2, max_grad_norm=1.0)
     graphed = lora_llama("cuda")
     step = GraphedTrainingStep(graphed, adamw(graphed), warmup_steps=2, accumulation_steps=2, max_grad_norm=1.0)
     losses = [step(batch).item() for batch in data]
     assert step._graph is not None and step._update is not None, "the last four batches were replays"
-    assert losses == pytest.approx(eager_losses, rel=1e-4)
-    for (name, p), q in zip(eager.named_parameters(), graphed.parameters(), strict=True):
-        torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-4, msg=name)
+    assert_trained_alike(graphed, losses, eager, eager_losses)
 
 
 @needs_cuda
