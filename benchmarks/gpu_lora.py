@@ -30,6 +30,7 @@ TRAIN_VARIANTS = {
     "peftkit_all_d0": "peftkit LoRA all-linear dropout 0",
     "peft_qv": "PEFT LoRA r=16 q_proj,v_proj",
     "peftkit_qv": "peftkit LoRA r=16 q_proj,v_proj",
+    "peftkit_all_d05_two_pass": "peftkit all-linear dropout 0.05, dropout in separate passes (before 2026-11-23)",
 }
 INFER_VARIANTS = {
     "fwd_base": "forward, no grad: base",
@@ -39,6 +40,12 @@ INFER_VARIANTS = {
     "mixed_peft": "forward: 4 adapters mixed by row, PEFT",
     "mixed_peftkit": "forward: 4 adapters mixed by row, peftkit",
     "graph_peftkit": "forward: peftkit unmerged, CUDA graph replay",
+    "fwd_peftkit_two_gemm": "forward: peftkit unmerged, low-rank products (no per-call merge, before 2026-11-23)",
+}
+# earlier forms of the fast path, for a comparison in the same run: the variant's suffix and what it switches off
+EARLIER_FORMS = {
+    "_two_pass": "dropped_products_apply",  # dropout drawn in its own passes over x, not inside the products
+    "_two_gemm": "_merging_moves_less",  # no-grad forwards through the low-rank products, never a per-call merge
 }
 
 
@@ -274,6 +281,12 @@ def dropout_check(device: str) -> dict[str, float]:
 
 
 def child(variant: str, tiny: bool, device: str) -> None:
+    for suffix, switch in EARLIER_FORMS.items():
+        if variant.endswith(suffix):
+            from peftkit_lora import kernels
+
+            setattr(kernels, switch, lambda *args: False)
+            variant = variant.removesuffix(suffix)
     if variant == "check":
         result = run_check(tiny, device)
     elif variant in TRAIN_VARIANTS:

@@ -11,6 +11,7 @@ import peftkit
 from peftkit.testing.models import sample_inputs, tiny_model
 from peftkit_lora import LoraConfig
 from peftkit_lora.dropout import seeded_dropout
+from peftkit_lora import kernels
 from peftkit_lora.kernels import LoraLinearFunction
 from peftkit_lora.layers import LoraLayer, LoraLinear
 
@@ -138,6 +139,33 @@ def test_torch_compile_has_no_graph_breaks_and_trains() -> None:
     model.train()
     compiled(x).sum().backward()
     assert model.base_model[0].lora_B["default"].weight.grad is not None
+
+
+@pytest.mark.parametrize("tokens", [2, 64])
+def test_inference_equals_the_composition_whether_or_not_the_call_merges(tokens: int) -> None:
+    """Without gradients, many tokens take a merged copy of the weight for the call; few, the low-rank products."""
+    _model, layer = lora_mlp()
+    x = torch.randn(tokens, 8)
+    weight_before = layer.base_layer.weight.clone()
+    assert kernels._merging_moves_less(x, layer.base_layer.weight) == (tokens == 64)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference_output(layer, x))
+    assert torch.equal(layer.base_layer.weight, weight_before), "the model's own weight stays unmerged"
+    assert not layer.merged_adapters
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_long_batch_inference_of_a_whole_model_equals_the_plain_path(kind: str) -> None:
+    """GPT-2's Conv1D stores its weight transposed: the per-call merge must build it the right way round."""
+    model = peftkit.get_peft_model(tiny_model(kind), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 64, (4, 32))
+    with torch.no_grad():
+        fast = model(input_ids=ids).logits
+        for module in model.modules():
+            if isinstance(module, LoraLinear):
+                module.forward = LoraLayer.forward.__get__(module)  # type: ignore[method-assign]
+        slow = model(input_ids=ids).logits
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-4)
 
 
 def test_inference_cache_of_the_scaled_b_follows_weight_changes() -> None:

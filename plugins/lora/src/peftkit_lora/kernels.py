@@ -4,7 +4,11 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 
 - no dropout copy of ``x`` is kept: the mask is regenerated in backward from
   a seed (see :mod:`peftkit_lora.dropout`), so neither it nor ``dropout(x)``
-  is stored;
+  is stored; on CUDA it is drawn inside the low-rank products themselves
+  (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written;
+- without gradients, a batch long enough that it moves fewer bytes computes
+  with a merged copy of the weight made for the call (see
+  :func:`_merging_moves_less`);
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
   low-rank product is written first and the base matmul accumulates onto it
   (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 
 from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
+from peftkit_lora.dropout_products import dropped_backward, dropped_down_projection, dropped_products_apply
 
 # Row slices ``(rows, dense)`` of a packed base weight, built one at a time as the iterable is advanced.
 WeightSlices = Callable[[], Iterable[tuple[slice, torch.Tensor]]]
@@ -52,11 +57,14 @@ def lora_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused forward: ``(out, a, b, h)``, where ``a``, ``b`` (LoRA weights cast, ``b`` scaled) and ``h`` are what backward needs."""
     flat_x = x.reshape(-1, x.shape[-1])
-    lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
     a = lora_a.to(x.dtype)
     b = _scaled(lora_b, scaling, x.dtype)
-    h = _rank_product(lora_in, a.T)
-    del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
+    if dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
+        h = dropped_down_projection(flat_x, a, dropout_p, seed)  # the mask drawn inside: no dropped copy of x
+    else:
+        lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
+        h = _rank_product(lora_in, a.T)
+        del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
     out = torch.addmm(bias.to(x.dtype), h, b.T) if bias is not None else h @ b.T
     if weight_slices is None:
         assert weight is not None
@@ -87,6 +95,11 @@ def lora_backward(
     flat_x = x.reshape(-1, x.shape[-1])
     grad_h = _rank_product(flat_grad, b)  # (N, r); b carries the scale
     grad_b = _scaled(_rank_product(flat_grad.T, h), scaling, lora_dtypes[1])
+    if input_grad and dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
+        # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
+        grad_x = _base_input_grad(flat_grad, weight, weight_slices)
+        grad_a = dropped_backward(flat_x, grad_x, grad_h.contiguous(), a, dropout_p, seed)
+        return grad_x.view_as(x), grad_a.to(lora_dtypes[0]), grad_b
     grad_x = grad_h @ a if input_grad else None
     lora_in = flat_x
     if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
@@ -96,15 +109,23 @@ def lora_backward(
     grad_a = grad_h.T @ lora_in
     del lora_in
     if grad_x is not None:
-        if weight_slices is None:
-            assert weight is not None
-            grad_x.addmm_(flat_grad, weight)
-        else:
-            for rows, dense in weight_slices():
-                grad_x.addmm_(flat_grad[:, rows], dense)
-                del dense
-        grad_x = grad_x.view_as(x)
+        grad_x = _base_input_grad(flat_grad, weight, weight_slices, onto=grad_x).view_as(x)
     return grad_x, grad_a.to(lora_dtypes[0]), grad_b
+
+
+def _base_input_grad(
+    flat_grad: torch.Tensor, weight: torch.Tensor | None, weight_slices: WeightSlices | None, onto: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``onto + grad W`` (accumulated in place), or ``grad W`` without ``onto``; a packed weight a slice of rows at a time."""
+    if weight_slices is None:
+        assert weight is not None
+        return flat_grad @ weight if onto is None else onto.addmm_(flat_grad, weight)
+    for rows, dense in weight_slices():
+        part = flat_grad[:, rows]
+        onto = part @ dense if onto is None else onto.addmm_(part, dense)
+        del dense  # a packed weight's slice is freed before the next one is built
+    assert onto is not None, "a packed weight gives at least one slice"
+    return onto
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -178,4 +199,32 @@ def lora_linear(
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         return LoraLinearFunction.apply(*args)
     with torch.no_grad():
+        if weight is not None and dropout_p == 0 and _merging_moves_less(x, weight):
+            return _merged_forward(x, weight, bias, lora_a, lora_b, scaling)
         return lora_forward(*args)[0]
+
+
+def _merging_moves_less(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``W + s B A``, built for this one call, moves fewer bytes than the low-rank products for these tokens.
+
+    The two-GEMM path reads the input once more and writes and reads back an
+    output-sized term: ``tokens * (in + 2 out)`` elements. Merging reads ``W``
+    and writes the merged copy the GEMM then reads instead: ``2 in out``,
+    whatever the batch (at 4,096 tokens a third of the traffic for the Llama
+    shape's linears), and one kernel fewer.
+    """
+    out_features, in_features = weight.shape
+    tokens = x.numel() // in_features
+    return 2 * in_features * out_features <= tokens * (in_features + 2 * out_features)
+
+
+def _merged_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``x (W + s B A)^T + b`` through a merged copy of the weight made for this call (the model's weight is untouched).
+
+    In bf16 the merged copy is rounded once, as a merged model's weight is:
+    the output stays within bf16 rounding of the unmerged computation.
+    """
+    merged = torch.addmm(weight, _scaled(lora_b, scaling, x.dtype), lora_a.to(x.dtype))
+    return torch.nn.functional.linear(x, merged, None if bias is None else bias.to(x.dtype))

@@ -19,11 +19,15 @@ from typing import Any
 import torch
 
 
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 class CachedLaunch:
     """``CachedLaunch(kernel)(grid, *args, **constexprs)`` runs ``kernel[grid](*args, **constexprs)``.
 
     Compile-time constants go as keywords, in the kernel's parameter order,
-    after all the other arguments.
+    after all the other arguments; the launch options ``num_warps`` and
+    ``num_stages`` may follow them.
     """
 
     def __init__(self, kernel: Any) -> None:
@@ -31,12 +35,13 @@ class CachedLaunch:
         self._compiled: dict[tuple[Any, ...], Any] = {}
 
     def __call__(self, grid: tuple[int, ...], *args: Any, **constexprs: Any) -> None:
-        key = _specialization(args, constexprs)
+        options = {name: constexprs.pop(name) for name in _LAUNCH_OPTIONS if name in constexprs}
+        key = _specialization(args, {**constexprs, **options})
         compiled = None if key is None else self._compiled.get(key)
         if compiled is not None:
             compiled[(*grid, 1, 1)[:3]](*args, *constexprs.values())  # a compiled kernel takes all three grid sizes
             return
-        result = self._kernel[grid](*args, **constexprs)
+        result = self._kernel[grid](*args, **constexprs, **options)
         if key is not None and hasattr(result, "packed_metadata"):  # a compiled kernel (the interpreter returns none)
             self._compiled[key] = result
 

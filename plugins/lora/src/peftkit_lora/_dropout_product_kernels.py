@@ -1,0 +1,59 @@
+"""Triton kernels of :mod:`peftkit_lora.dropout_products` (imported only where Triton is installed)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def keep_mask(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+    """(BLOCK_M, BLOCK_K): which elements of the tile at (rows, k0) the seed keeps; one Philox call per 8."""
+    groups = (rows[:, None].to(tl.int64) * K + k0) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, groups)
+    lane = tl.arange(0, 8)[None, None, :]
+    word = tl.where(lane < 2, r0[:, :, None], tl.where(lane < 4, r1[:, :, None], tl.where(lane < 6, r2[:, :, None], r3[:, :, None])))
+    bits = tl.where(lane % 2 == 0, word, word >> 16) & 0xFFFF
+    return tl.reshape(bits, (BLOCK_M, BLOCK_K))
+
+@triton.jit(do_not_specialize=["seed"])
+def down_kernel(  # type: ignore[no-untyped-def]
+    x, a, h, M, K, R, threshold, scale, seed, salt,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rank = tl.arange(0, BLOCK_R)
+    seed = seed + tl.load(salt)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
+        keep = keep_mask(seed, rows, k0, K, BLOCK_M, BLOCK_K) >= threshold
+        dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
+        a_tile = tl.load(a + rank[None, :] * K + cols[:, None], mask=(rank[None, :] < R) & (cols[:, None] < K), other=0.0)
+        acc = tl.dot(dropped, a_tile, acc)
+    tl.store(h + rows[:, None] * R + rank[None, :], acc.to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
+
+@triton.jit(do_not_specialize=["seed"])
+def backward_kernel(  # type: ignore[no-untyped-def]
+    x, grad_x, grad_h, a, partial, M, K, R, rows_per_chunk, threshold, scale, seed, salt,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    chunk = tl.program_id(1)
+    rank = tl.arange(0, BLOCK_R)
+    seed = seed + tl.load(salt)
+    a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0)
+    grad_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(chunk * rows_per_chunk, min(M, (chunk + 1) * rows_per_chunk), BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        inside = (rows[:, None] < M) & (cols[None, :] < K)
+        keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_K, K, BLOCK_M, BLOCK_K) >= threshold
+        gh = tl.load(grad_h + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < M) & (rank[None, :] < R), other=0.0)
+        x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+        dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
+        grad_a = tl.dot(tl.trans(gh), dropped, grad_a)
+        spread = tl.dot(gh, a_tile)  # (BLOCK_M, BLOCK_K): this tile of grad_h @ a
+        gx_ptrs = grad_x + rows[:, None] * K + cols[None, :]
+        gx = tl.load(gx_ptrs, mask=inside, other=0.0).to(tl.float32)
+        tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
+    tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
+

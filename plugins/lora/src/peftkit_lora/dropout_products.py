@@ -1,0 +1,96 @@
+"""LoRA's low-rank products with the dropout mask drawn inside them, so ``dropout(x)`` is never written.
+
+Without them a training step with ``lora_dropout > 0`` writes the dropped
+input in forward and reads it back for ``x A^T``, and in backward writes it
+again (for ``A``'s gradient) beside the masked input gradient: six passes over
+each adapted layer's input. Here, on CUDA:
+
+- :func:`dropped_down_projection`: ``h = dropout(x) A^T``, one read of ``x``;
+- :func:`dropped_backward`: one read of ``x`` and one read and write of the
+  input gradient give both ``grad_x += dropout(grad_h A)`` and
+  ``grad_A = grad_h^T dropout(x)``, drawing the mask once for both.
+
+The masks are :mod:`peftkit_lora.dropout`'s (Philox keyed by seed plus the
+device's salt and the element's row-major index, 16 bits per element, 8
+elements per call), so either path, fused or not, drops the same elements.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from peftkit_lora.dropout import seed_salt
+from peftkit_lora.launch import CachedLaunch
+
+_DOWN_BLOCK_M, _DOWN_BLOCK_K = 32, 64
+_BACK_BLOCK_M, _BACK_BLOCK_K = 64, 64
+_ROW_CHUNKS_PER_SM = 2  # backward programs per column block and SM, each summing A's gradient over its rows
+
+
+def dropped_products_apply(x: torch.Tensor, rank: int) -> bool:
+    """Whether the fused products serve ``x``: CUDA, 16-bit (float32 would take TF32 products), 2-D, contiguous, width a multiple of 8."""
+    fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and rank <= 64
+    return fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _kernels() is not None
+
+
+def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """``dropout(x) @ a.T`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it."""
+    m, k = x.shape
+    r = a.shape[0]
+    h = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    down, _ = _kernels()
+    down(
+        (triton_blocks(m, _DOWN_BLOCK_M),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        BLOCK_M=_DOWN_BLOCK_M, BLOCK_K=_DOWN_BLOCK_K, BLOCK_R=_rank_block(r), num_warps=4, num_stages=4,
+    )
+    return h
+
+
+def dropped_backward(
+    x: torch.Tensor, grad_x: torch.Tensor, grad_h: torch.Tensor, a: torch.Tensor, p: float, seed: int
+) -> torch.Tensor:
+    """Adds ``dropout(grad_h @ a)`` to ``grad_x`` in place and returns ``grad_h.T @ dropout(x)`` in float32.
+
+    ``x`` and ``grad_x`` are ``(M, K)`` and contiguous, ``grad_h`` is
+    ``(M, r)``, ``a`` is ``(r, K)``; both masks are the forward's.
+    """
+    m, k = x.shape
+    r = a.shape[0]
+    column_blocks = triton_blocks(k, _BACK_BLOCK_K)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+    chunks = max(1, min(triton_blocks(m, _BACK_BLOCK_M), _ROW_CHUNKS_PER_SM * sms // column_blocks))
+    rows_per_chunk = triton_blocks(triton_blocks(m, chunks), _BACK_BLOCK_M) * _BACK_BLOCK_M
+    chunks = triton_blocks(m, rows_per_chunk)
+    partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
+    _, back = _kernels()
+    back(
+        (column_blocks, chunks), x, grad_x, grad_h, a, partial, m, k, r, rows_per_chunk,
+        _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        BLOCK_M=_BACK_BLOCK_M, BLOCK_K=_BACK_BLOCK_K, BLOCK_R=_rank_block(r), num_warps=4, num_stages=3,
+    )
+    return partial.sum(0)
+
+
+def triton_blocks(n: int, block: int) -> int:
+    """How many blocks of ``block`` cover ``n``."""
+    return (n + block - 1) // block
+
+
+def _threshold(p: float) -> int:
+    return round(p * 65536)  # as peftkit_lora.dropout: dropped when the element's 16 random bits fall below
+
+
+def _rank_block(r: int) -> int:
+    return max(16, 1 << (r - 1).bit_length())  # tl.dot needs 16 or more
+
+
+@functools.cache
+def _kernels() -> tuple[Any, Any] | None:
+    try:
+        from peftkit_lora import _dropout_product_kernels as kernels
+    except ImportError:  # no Triton
+        return None
+    return CachedLaunch(kernels.down_kernel), CachedLaunch(kernels.backward_kernel)

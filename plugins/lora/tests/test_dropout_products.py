@@ -1,0 +1,88 @@
+"""Dropout drawn inside LoRA's low-rank products (CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from peftkit_lora import dropout, dropout_products
+from peftkit_lora.kernels import LoraLinearFunction
+
+triton_runs = dropout_products._kernels() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not triton_runs, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused products serve CUDA tensors")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float16  # the interpreter's dot has no bf16
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def mask_of(rows: int, cols: int, p: float, seed: int) -> torch.Tensor:
+    """The standalone dropout kernel's mask (kept elements scaled), in float64: what the fused products must apply."""
+    return dropout._triton_dropout(torch.ones(rows, cols, device=DEVICE), p, seed).double()
+
+
+@needs_triton
+@pytest.mark.parametrize(("rows", "cols", "rank", "p"), [(70, 96, 8, 0.3), (130, 200, 12, 0.5), (64, 128, 16, 0.05)])
+def test_down_projection_applies_the_dropout_kernels_mask(rows: int, cols: int, rank: int, p: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
+    a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
+    h = dropout_products.dropped_down_projection(x, a, p, seed=17)
+    want = (x.double() * mask_of(rows, cols, p, 17)) @ a.double().T
+    assert h.shape == (rows, rank) and h.dtype == DTYPE
+    assert relative_error(h, want) < 5e-3
+
+
+@needs_triton
+@pytest.mark.parametrize(("rows", "cols", "rank", "p"), [(70, 96, 8, 0.3), (300, 136, 16, 0.1)])
+def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(rows: int, cols: int, rank: int, p: float) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
+    grad_x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
+    grad_h = torch.randn(rows, rank, device=DEVICE, dtype=DTYPE)
+    a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
+    mask = mask_of(rows, cols, p, 5)
+    want_grad_x = grad_x.double() + mask * (grad_h.double() @ a.double())
+    grad_a = dropout_products.dropped_backward(x, grad_x, grad_h, a, p, seed=5)
+    assert relative_error(grad_x, want_grad_x) < 5e-3, "grad_x is updated in place"
+    assert grad_a.dtype == torch.float32
+    assert relative_error(grad_a, grad_h.double().T @ (x.double() * mask)) < 5e-3
+
+
+def test_applies_only_where_it_computes_the_same_function() -> None:
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    assert not dropout_products.dropped_products_apply(x, 16), "CPU tensors take the two-pass path"
+    if not torch.cuda.is_available() or dropout_products._kernels() is None:
+        return
+    x = x.cuda()
+    assert dropout_products.dropped_products_apply(x, 16)
+    assert not dropout_products.dropped_products_apply(x.float(), 16), "float32 would take TF32 products"
+    assert not dropout_products.dropped_products_apply(x[:, :60], 16), "not contiguous, nor a width of 8k"
+    assert not dropout_products.dropped_products_apply(x, 128), "ranks over 64"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_linear_with_dropout_matches_float64_with_the_same_mask(dtype: torch.dtype) -> None:
+    """bfloat16 takes the fused products, float32 the two-pass path: both give the function's outputs and gradients."""
+    torch.manual_seed(2)
+    p, seed, scaling = 0.1, 7, 2.0
+    x = torch.randn(3, 100, 256, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(192, 256, device="cuda") * 0.05).to(dtype)
+    bias = torch.randn(192, device="cuda").to(dtype)
+    a = (torch.randn(16, 256, device="cuda") * 0.05).to(dtype).requires_grad_(True)
+    b = (torch.randn(192, 16, device="cuda") * 0.05).to(dtype).requires_grad_(True)
+    out = LoraLinearFunction.apply(x, w, bias, a, b, scaling, p, seed)
+    grads = torch.autograd.grad(out.float().pow(2).mean(), [x, a, b])
+    mask = mask_of(300, 256, p, seed).view(3, 100, 256)
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, b))
+    want = x64 @ w.double().T + bias.double() + scaling * ((x64 * mask) @ a64.T) @ b64.T
+    want_grads = torch.autograd.grad(want.pow(2).mean(), [x64, a64, b64])
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, expected in zip([out, *grads], [want, *want_grads]):
+        assert relative_error(got, expected.detach()) < tolerance
