@@ -31,7 +31,13 @@ TRAIN_VARIANTS = {
     "peft_qv": "PEFT LoRA r=16 q_proj,v_proj",
     "peftkit_qv": "peftkit LoRA r=16 q_proj,v_proj",
     "peftkit_all_d05_two_pass": "peftkit all-linear dropout 0.05, dropout in separate passes (before 2026-11-23)",
+    "floor_graphed": "floor, the step replayed as a CUDA graph (no host time)",
+    "peftkit_all_d05_graphed": "peftkit all-linear dropout 0.05, CUDA graph",
+    "peftkit_all_d05_two_pass_graphed": "peftkit all-linear dropout 0.05, separate dropout passes, CUDA graph",
+    "peftkit_all_d0_graphed": "peftkit all-linear dropout 0, CUDA graph",
+    "peftkit_qv_graphed": "peftkit q_proj,v_proj, CUDA graph",
 }
+GRAPHED = "_graphed"  # the training step replayed as a CUDA graph
 INFER_VARIANTS = {
     "fwd_base": "forward, no grad: base",
     "fwd_peft": "forward: PEFT unmerged LoRA",
@@ -39,6 +45,7 @@ INFER_VARIANTS = {
     "fwd_merged": "forward: peftkit merged",
     "mixed_peft": "forward: 4 adapters mixed by row, PEFT",
     "mixed_peftkit": "forward: 4 adapters mixed by row, peftkit",
+    "graph_base": "forward: base, CUDA graph replay",
     "graph_peftkit": "forward: peftkit unmerged, CUDA graph replay",
     "fwd_peftkit_two_gemm": "forward: peftkit unmerged, low-rank products (no per-call merge, before 2026-11-23)",
 }
@@ -118,7 +125,8 @@ def timed(step, warmup: int, steps: int, device: str) -> float:  # type: ignore[
     return statistics.median(times)
 
 
-def run_train(variant: str, tiny: bool, device: str) -> dict[str, float]:
+def run_train(variant: str, tiny: bool, device: str, graphed: bool = False) -> dict[str, float]:
+    """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph."""
     import torch
 
     batch, seq = (2, 64) if tiny else (8, 1024)
@@ -130,7 +138,7 @@ def run_train(variant: str, tiny: bool, device: str) -> dict[str, float]:
         embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=graphed) if params else None
     ids = torch.randint(0, model_config(tiny).vocab_size, (batch, seq), device=device)
 
     def step() -> None:
@@ -142,9 +150,25 @@ def run_train(variant: str, tiny: bool, device: str) -> dict[str, float]:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    ms = timed(step, 3, 12, device)
+    ms = timed(captured(step) if graphed and device == "cuda" else step, 3, 12, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     return {"ms": ms, "peak_gib": peak}
+
+
+def captured(step):  # type: ignore[no-untyped-def]
+    """``step`` recorded once as a CUDA graph (after warm-up on a side stream): its replay, free of host time."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def add_mixed_adapters(model, kind: str):  # type: ignore[no-untyped-def]
@@ -176,7 +200,7 @@ def run_infer(variant: str, tiny: bool, device: str) -> dict[str, float]:
     base = build(tiny, device).eval()
     ids = torch.randint(0, model_config(tiny).vocab_size, (batch, seq), device=device)
     kind = "peftkit" if "peftkit" in variant or variant == "fwd_merged" else "peft"
-    model = base if variant == "fwd_base" else wrap(base, f"{kind}_all_d0")
+    model = base if variant in ("fwd_base", "graph_base") else wrap(base, f"{kind}_all_d0")
     extra: dict[str, object] = {}
     if variant == "fwd_merged":
         model = model.merge_and_unload()
@@ -184,23 +208,16 @@ def run_infer(variant: str, tiny: bool, device: str) -> dict[str, float]:
         names = add_mixed_adapters(model, kind)
         extra["adapter_names"] = [names[i % 4] for i in range(batch)]
     model.eval()
-    if variant == "graph_peftkit" and device == "cuda":
+    if variant.startswith("graph") and device == "cuda":
         static = ids.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(3):
-                model(input_ids=static, use_cache=False)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.no_grad():
-            captured = model(input_ids=static, use_cache=False).logits
         with torch.no_grad():
             eager = model(input_ids=static, use_cache=False).logits
-        graph.replay()
+            holder: list[torch.Tensor] = []
+            replay = captured(lambda: holder.append(model(input_ids=static, use_cache=False).logits))
+        replay()
         torch.cuda.synchronize()
-        error = ((captured.float() - eager.float()).norm() / eager.float().norm()).item()
-        return {"ms": timed(graph.replay, 3, 20, device), "graph_rel_error": error}
+        error = ((holder[-1].float() - eager.float()).norm() / eager.float().norm()).item()
+        return {"ms": timed(replay, 3, 20, device), "graph_rel_error": error}
 
     def step() -> None:
         with torch.no_grad():
@@ -281,6 +298,8 @@ def dropout_check(device: str) -> dict[str, float]:
 
 
 def child(variant: str, tiny: bool, device: str) -> None:
+    graphed = variant.endswith(GRAPHED)
+    variant = variant.removesuffix(GRAPHED)
     for suffix, switch in EARLIER_FORMS.items():
         if variant.endswith(suffix):
             from peftkit_lora import kernels
@@ -290,7 +309,7 @@ def child(variant: str, tiny: bool, device: str) -> None:
     if variant == "check":
         result = run_check(tiny, device)
     elif variant in TRAIN_VARIANTS:
-        result = run_train(variant, tiny, device)
+        result = run_train(variant, tiny, device, graphed)
     else:
         result = run_infer(variant, tiny, device)
     print("RESULT " + json.dumps(result))
@@ -336,7 +355,7 @@ def render(results: dict[str, dict[str, float]], device: str, tiny: bool) -> str
         "Training: batch 8 x 1024, labels = inputs, AdamW, median of 12 steps after 3 warm-up. "
         "Forward: batch 8 x 512, no grad, median of 20."),
         "",
-        "| variant | ms | x floor | peak GiB | x floor peak |",
+        "| variant | ms | x floor (graphed: x graphed floor) | peak GiB | x floor peak |",
         "|---|---:|---:|---:|---:|",
     ]
     for key, label in TRAIN_VARIANTS.items():
@@ -344,17 +363,19 @@ def render(results: dict[str, dict[str, float]], device: str, tiny: bool) -> str
         if "ms" not in r:
             lines.append(f"| {label} | failed | | | |")
             continue
-        ratio = r["ms"] / floor["ms"] if floor.get("ms") else float("nan")
+        own_floor = results.get("floor_graphed", {}) if key.endswith(GRAPHED) else floor
+        ratio = r["ms"] / own_floor["ms"] if own_floor.get("ms") else float("nan")
         peak = r.get("peak_gib", 0.0)
-        peak_ratio = peak / floor["peak_gib"] if floor.get("peak_gib") else float("nan")
+        peak_ratio = peak / own_floor["peak_gib"] if own_floor.get("peak_gib") else float("nan")
         lines.append(f"| {label} | {r['ms']:.1f} | {ratio:.2f} | {peak:.1f} | {peak_ratio:.2f} |")
-    lines += ["", "| forward variant | ms | x base |", "|---|---:|---:|"]
+    lines += ["", "| forward variant | ms | x base (graph replay: x base replay) |", "|---|---:|---:|"]
     for key, label in INFER_VARIANTS.items():
         r = results.get(key, {})
         if "ms" not in r:
             lines.append(f"| {label} | failed | |")
             continue
-        ratio = r["ms"] / base["ms"] if base.get("ms") else float("nan")
+        own_base = results.get("graph_base", {}) if key.startswith("graph") else base
+        ratio = r["ms"] / own_base["ms"] if own_base.get("ms") else float("nan")
         lines.append(f"| {label} | {r['ms']:.1f} | {ratio:.2f} |")
     check = results.get("check", {})
     lines += [

@@ -1,6 +1,7 @@
-"""Microbenchmarks of the fast LoRA path's pieces on a GPU: one LoRA linear, the dropout kernel, mixed-batch layers.
+"""Microbenchmarks of the fast LoRA path's pieces on a GPU: dropout-fused products, per-call merge, one LoRA linear, mixed batches.
 
-Each line gives GPU time (CUDA events, median) and host time per call, so
+Each line gives GPU time (a CUDA graph of 20 calls, replayed: no host time in it)
+and host time per eager call, so
 that a regression in benchmarks/gpu_lora.py can be traced to a kernel or to
 host overhead.
 
@@ -17,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from peftkit_lora.dropout import seeded_dropout
+from peftkit_lora import dropout_products, kernels
+from peftkit_lora.dropout import seeded_dropout, seeded_dropout_pair
 from peftkit_lora.kernels import LoraLinearFunction
 
 
@@ -38,22 +40,29 @@ def old_dropout(t: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return out
 
 
-def measure(name: str, fn: Callable[[], object], steps: int = 50) -> None:
-    for _ in range(5):
+def measure(name: str, fn: Callable[[], object], steps: int = 20) -> None:
+    """GPU time per call from a CUDA graph of ``steps`` calls (no host time in it), and host time per eager call."""
+    for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    gpu = []
     began = time.perf_counter()
     for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
         fn()
-        end.record()
-        gpu.append((start, end))
     host = (time.perf_counter() - began) / steps * 1e6
     torch.cuda.synchronize()
-    gpu_us = statistics.median(s.elapsed_time(e) for s, e in gpu) * 1000
-    print(f"{name:>58}: GPU {gpu_us:8.1f} us   host {host:7.1f} us")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / steps)
+    print(f"{name:>58}: GPU {statistics.median(times):8.1f} us   host {host:7.1f} us", flush=True)
 
 
 def one_shape(n: int, d_in: int, d_out: int) -> None:
@@ -75,9 +84,56 @@ def one_shape(n: int, d_in: int, d_out: int) -> None:
     measure(f"base linear fwd+bwd {n}x{d_in}->{d_out}", lambda: torch.autograd.backward(xg @ w.T, g))
 
 
+def dropout_products_shape(n: int, d_in: int) -> None:
+    """The dropout-fused low-rank products against dropout in its own passes, over tile shapes."""
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(n, d_in, **bf16)
+    a = torch.randn(16, d_in, **bf16) * 0.02
+    grad_h = torch.randn(n, 16, **bf16)
+    grad_x = torch.randn(n, d_in, **bf16)
+    measure(f"down, dropout pass + mm {n}x{d_in}", lambda: seeded_dropout(x, 0.05, 7) @ a.T)
+    measure(f"down, no dropout (mm) {n}x{d_in}", lambda: x @ a.T)
+    for tile in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 3)):
+        dropout_products.DOWN_TILE = tile
+        measure(f"down, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_down_projection(x, a, 0.05, 7))
+
+    def two_pass() -> None:
+        spread = grad_h @ a
+        dropped, spread = seeded_dropout_pair(x, spread, 0.05, 7)
+        grad_h.T @ dropped
+        grad_x.add_(spread)  # what the base GEMM's beta = 1 read costs, roughly
+
+    measure(f"backward, pair kernel + mms {n}x{d_in}", two_pass)
+    for tile in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)):
+        dropout_products.BACKWARD_TILE = tile
+        measure(f"backward, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, 0.05, 7))
+
+
+def merged_forward_shape(n: int, d_in: int, d_out: int) -> None:
+    """No-grad LoRA linear: a per-call merged weight against the two low-rank products."""
+    bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    x = torch.randn(n, d_in, **bf16)
+    w = torch.randn(d_out, d_in, **bf16) * 0.02
+    a = torch.randn(16, d_in, **bf16) * 0.02
+    b = torch.randn(d_out, 16, **bf16) * 0.02
+    with torch.no_grad():
+        measure(f"no-grad base {n}x{d_in}->{d_out}", lambda: x @ w.T)
+        measure(f"merge alone, cuBLAS addmm {d_in}->{d_out}", lambda: torch.addmm(w, b, a))
+        for tile in ((64, 128, 4, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (32, 256, 4, 3), (16, 256, 4, 2)):
+            kernels.MERGE_TILE = tile
+            measure(f"merge alone, Triton {tile} {d_in}->{d_out}", lambda: kernels.merged_weight(w, b, a))
+        kernels.MERGE_TILE = (64, 128, 4, 3)
+        measure(f"no-grad LoRA, merged per call {n}x{d_in}->{d_out}", lambda: kernels._merged_forward(x, w, None, a, b, 2.0))
+        measure(f"no-grad LoRA, two products {n}x{d_in}->{d_out}", lambda: kernels.lora_forward(x, w, None, a, b, 2.0, 0.0, 0)[0])
+
+
 def main() -> None:
     torch.manual_seed(0)
     bf16 = {"device": "cuda", "dtype": torch.bfloat16}
+    for shape in ((4096, 2048, 2048), (4096, 2048, 256), (4096, 2048, 5632), (4096, 5632, 2048)):
+        merged_forward_shape(*shape)
+    for d_in in (2048, 5632):
+        dropout_products_shape(8192, d_in)
     for shape in ((8192, 2048, 2048), (8192, 2048, 5632), (8192, 5632, 2048)):
         one_shape(*shape)
     x = torch.randn(8, 512, 2048, **bf16)

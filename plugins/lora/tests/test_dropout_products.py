@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from peftkit_lora import dropout, dropout_products
+from peftkit_lora import dropout, dropout_products, kernels
 from peftkit_lora.kernels import LoraLinearFunction
 
 triton_runs = dropout_products._kernels() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
@@ -86,3 +86,18 @@ def test_lora_linear_with_dropout_matches_float64_with_the_same_mask(dtype: torc
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for got, expected in zip([out, *grads], [want, *want_grads]):
         assert relative_error(got, expected.detach()) < tolerance
+
+
+@needs_cuda
+@pytest.mark.parametrize("transposed", [False, True])
+def test_merge_kernel_adds_the_low_rank_product_to_either_weight_layout(transposed: bool) -> None:
+    """The per-call merge of no-grad long batches; GPT-2's Conv1D hands over its weight transposed."""
+    torch.manual_seed(3)
+    weight = torch.randn(300, 200, device="cuda", dtype=torch.bfloat16)
+    if transposed:
+        weight = weight.T.contiguous().T
+    b = torch.randn(300, 12, device="cuda", dtype=torch.bfloat16) * 0.1
+    a = torch.randn(12, 200, device="cuda", dtype=torch.bfloat16)
+    merged = kernels.merged_weight(weight, b, a)
+    assert merged.is_contiguous() and merged.dtype == torch.bfloat16
+    assert relative_error(merged, weight.double() + b.double() @ a.double()) < 4e-3

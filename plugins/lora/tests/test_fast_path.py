@@ -9,9 +9,8 @@ from torch import nn
 
 import peftkit
 from peftkit.testing.models import sample_inputs, tiny_model
-from peftkit_lora import LoraConfig
+from peftkit_lora import LoraConfig, kernels
 from peftkit_lora.dropout import seeded_dropout
-from peftkit_lora import kernels
 from peftkit_lora.kernels import LoraLinearFunction
 from peftkit_lora.layers import LoraLayer, LoraLinear
 

@@ -25,8 +25,9 @@ import torch
 from peftkit_lora.dropout import seed_salt
 from peftkit_lora.launch import CachedLaunch
 
-_DOWN_BLOCK_M, _DOWN_BLOCK_K = 32, 64
-_BACK_BLOCK_M, _BACK_BLOCK_K = 64, 64
+# (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
+DOWN_TILE = (32, 64, 4, 4)
+BACKWARD_TILE = (64, 64, 4, 3)
 _ROW_CHUNKS_PER_SM = 2  # backward programs per column block and SM, each summing A's gradient over its rows
 
 
@@ -41,10 +42,11 @@ def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: in
     m, k = x.shape
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    block_m, block_k, warps, stages = DOWN_TILE
     down, _ = _kernels()
     down(
-        (triton_blocks(m, _DOWN_BLOCK_M),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
-        BLOCK_M=_DOWN_BLOCK_M, BLOCK_K=_DOWN_BLOCK_K, BLOCK_R=_rank_block(r), num_warps=4, num_stages=4,
+        (triton_blocks(m, block_m),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
     )
     return h
 
@@ -59,17 +61,17 @@ def dropped_backward(
     """
     m, k = x.shape
     r = a.shape[0]
-    column_blocks = triton_blocks(k, _BACK_BLOCK_K)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-    chunks = max(1, min(triton_blocks(m, _BACK_BLOCK_M), _ROW_CHUNKS_PER_SM * sms // column_blocks))
-    rows_per_chunk = triton_blocks(triton_blocks(m, chunks), _BACK_BLOCK_M) * _BACK_BLOCK_M
+    block_m, block_k, warps, stages = BACKWARD_TILE
+    column_blocks = triton_blocks(k, block_k)
+    chunks = max(1, min(triton_blocks(m, block_m), _ROW_CHUNKS_PER_SM * _multiprocessors(x.device) // column_blocks))
+    rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
     _, back = _kernels()
     back(
         (column_blocks, chunks), x, grad_x, grad_h, a, partial, m, k, r, rows_per_chunk,
         _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
-        BLOCK_M=_BACK_BLOCK_M, BLOCK_K=_BACK_BLOCK_K, BLOCK_R=_rank_block(r), num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
     )
     return partial.sum(0)
 
@@ -79,18 +81,24 @@ def triton_blocks(n: int, block: int) -> int:
     return (n + block - 1) // block
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _threshold(p: float) -> int:
     return round(p * 65536)  # as peftkit_lora.dropout: dropped when the element's 16 random bits fall below
 
 
-def _rank_block(r: int) -> int:
-    return max(16, 1 << (r - 1).bit_length())  # tl.dot needs 16 or more
+def rank_block(r: int) -> int:
+    """The rank padded for ``tl.dot``: a power of two, 16 or more."""
+    return max(16, 1 << (r - 1).bit_length())
 
 
 @functools.cache
 def _kernels() -> tuple[Any, Any] | None:
     try:
-        from peftkit_lora import _dropout_product_kernels as kernels
+        from peftkit_lora import _product_kernels as kernels
     except ImportError:  # no Triton
         return None
     return CachedLaunch(kernels.down_kernel), CachedLaunch(kernels.backward_kernel)

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 

@@ -1,4 +1,4 @@
-"""Triton kernels of :mod:`peftkit_lora.dropout_products` (imported only where Triton is installed)."""
+"""Triton kernels of the LoRA fast path (:mod:`peftkit_lora.dropout_products`, the per-call merge of :mod:`peftkit_lora.kernels`); imported only where Triton is installed."""
 
 import triton
 import triton.language as tl
@@ -57,3 +57,20 @@ def backward_kernel(  # type: ignore[no-untyped-def]
         tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
     tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
 
+
+
+@triton.jit
+def merge_kernel(  # type: ignore[no-untyped-def]
+    w, b, a, out, N, K, R, swn, swk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``out = w + b @ a`` for ``w (N, K)`` (any strides), ``b (N, R)``, ``a (R, K)``, summed in float32 and rounded once."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rank = tl.arange(0, BLOCK_R)
+    inside = (rows[:, None] < N) & (cols[None, :] < K)
+    b_tile = tl.load(b + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < N) & (rank[None, :] < R), other=0.0)
+    a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0)
+    w_tile = tl.load(w + rows[:, None] * swn + cols[None, :] * swk, mask=inside, other=0.0)
+    merged = tl.dot(b_tile, a_tile, w_tile.to(tl.float32))
+    tl.store(out + rows[:, None] * K + cols[None, :], merged.to(out.dtype.element_ty), mask=inside)
