@@ -5,7 +5,7 @@ import triton.language as tl
 
 
 @triton.jit
-def keep_mask(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # type: ignore[no-untyped-def]
+def keep_mask(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_M, BLOCK_K): which elements of the tile at (rows, k0) the seed keeps; one Philox call per 8."""
     groups = (rows[:, None].to(tl.int64) * K + k0) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, groups)
@@ -15,7 +15,7 @@ def keep_mask(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr): 
     return tl.reshape(bits, (BLOCK_M, BLOCK_K))
 
 @triton.jit(do_not_specialize=["seed"])
-def down_kernel(  # type: ignore[no-untyped-def]
+def down_kernel(
     x, a, h, M, K, R, threshold, scale, seed, salt,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -33,7 +33,7 @@ def down_kernel(  # type: ignore[no-untyped-def]
     tl.store(h + rows[:, None] * R + rank[None, :], acc.to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
 
 @triton.jit(do_not_specialize=["seed"])
-def backward_kernel(  # type: ignore[no-untyped-def]
+def backward_kernel(
     x, grad_x, grad_h, a, partial, M, K, R, rows_per_chunk, threshold, scale, seed, salt,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -60,7 +60,7 @@ def backward_kernel(  # type: ignore[no-untyped-def]
 
 
 @triton.jit
-def merge_kernel(  # type: ignore[no-untyped-def]
+def merge_kernel(
     w, b, a, out, N, K, R, swn, swk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):

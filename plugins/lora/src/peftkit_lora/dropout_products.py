@@ -43,7 +43,7 @@ def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: in
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     block_m, block_k, warps, stages = DOWN_TILE
-    down, _ = _kernels()
+    down, _ = _launches()
     down(
         (triton_blocks(m, block_m),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
@@ -67,7 +67,7 @@ def dropped_backward(
     rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
-    _, back = _kernels()
+    _, back = _launches()
     back(
         (column_blocks, chunks), x, grad_x, grad_h, a, partial, m, k, r, rows_per_chunk,
         _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
@@ -79,6 +79,12 @@ def dropped_backward(
 def triton_blocks(n: int, block: int) -> int:
     """How many blocks of ``block`` cover ``n``."""
     return (n + block - 1) // block
+
+
+def _launches() -> tuple[Any, Any]:
+    kernels = _kernels()
+    assert kernels is not None, "dropped_products_apply says whether Triton is there"
+    return kernels
 
 
 @functools.cache

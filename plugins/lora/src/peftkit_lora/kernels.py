@@ -105,9 +105,9 @@ def lora_backward(
     grad_b = _scaled(_rank_product(flat_grad.T, h), scaling, lora_dtypes[1])
     if input_grad and dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
         # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
-        grad_x = _base_input_grad(flat_grad, weight, weight_slices)
-        grad_a = dropped_backward(flat_x, grad_x, grad_h.contiguous(), a, dropout_p, seed)
-        return grad_x.view_as(x), grad_a.to(lora_dtypes[0]), grad_b
+        base_grad = _base_input_grad(flat_grad, weight, weight_slices)
+        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, dropout_p, seed)
+        return base_grad.view_as(x), grad_a.to(lora_dtypes[0]), grad_b
     grad_x = grad_h @ a if input_grad else None
     lora_in = flat_x
     if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
