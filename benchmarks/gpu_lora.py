@@ -5,7 +5,11 @@ memory is its own: the frozen-base floor, full fine-tuning, Hugging Face PEFT
 LoRA and peftkit LoRA (all-linear with dropout 0.05 and 0, q/v only), no-grad
 forwards (base, unmerged, merged) and a batch mixing 4 adapters. It also checks
 peftkit's bf16 fast path against a float64 reference and captures inference in
-a CUDA graph. Results go to benchmarks/results/gpu_lora.md.
+a CUDA graph. Variants ending in ``_graphed`` (training) or starting with
+``graph_`` (forward) time the step replayed as a CUDA graph, GPU time without
+the host's, against the floor or base replayed alike; ``_two_pass`` and
+``_two_gemm`` switch off this round's fused dropout and per-call merge, for a
+comparison in the same run. Results go to benchmarks/results/gpu_lora.md.
 
     python benchmarks/gpu_lora.py            # the 1.1B Llama shape of the issue
     python benchmarks/gpu_lora.py --tiny     # a smoke run (also on the CPU)
