@@ -142,13 +142,16 @@ def test_torch_compile_has_no_graph_breaks_and_trains() -> None:
 
 @pytest.mark.parametrize("tokens", [2, 64])
 def test_inference_equals_the_composition_whether_or_not_the_call_merges(tokens: int) -> None:
-    """Without gradients, many tokens take a merged copy of the weight for the call; few, the low-rank products."""
+    """Without gradients, many tokens on CUDA take a merged copy of the weight for the call; few, the low-rank products."""
     _model, layer = lora_mlp()
     x = torch.randn(tokens, 8)
     weight_before = layer.base_layer.weight.clone()
     assert kernels._merging_moves_less(x, layer.base_layer.weight) == (tokens == 64)
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference_output(layer, x))
+        merged = kernels._merged_forward(x, base.weight, base.bias, lora_a, lora_b, layer.scaling["default"])
+        torch.testing.assert_close(merged, reference_output(layer, x))
     assert torch.equal(layer.base_layer.weight, weight_before), "the model's own weight stays unmerged"
     assert not layer.merged_adapters
 

@@ -6,7 +6,7 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
   a seed (see :mod:`peftkit_lora.dropout`), so neither it nor ``dropout(x)``
   is stored; on CUDA it is drawn inside the low-rank products themselves
   (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written;
-- without gradients, a batch long enough that it moves fewer bytes computes
+- without gradients on CUDA, a batch long enough that it moves fewer bytes computes
   with a merged copy of the weight made for the call (see
   :func:`_merging_moves_less`);
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
@@ -207,13 +207,17 @@ def lora_linear(
     if torch.is_grad_enabled() and (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad):
         return LoraLinearFunction.apply(*args)
     with torch.no_grad():
-        if weight is not None and dropout_p == 0 and _merging_moves_less(x, weight):
+        if weight is not None and dropout_p == 0 and x.is_cuda and _merging_moves_less(x, weight):
             return _merged_forward(x, weight, bias, lora_a, lora_b, scaling)
         return lora_forward(*args)[0]
 
 
 def _merging_moves_less(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``W + s B A``, built for this one call, moves fewer bytes than the low-rank products for these tokens.
+
+    Applied on CUDA only: on the CPU, MKL's results for the merged copy vary in
+    the last bit with its buffers' alignment, and a saved and reloaded adapter
+    must give bitwise the same outputs.
 
     The two-GEMM path reads the input once more and writes and reads back an
     output-sized term: ``tokens * (in + 2 out)`` elements. Merging reads ``W``
