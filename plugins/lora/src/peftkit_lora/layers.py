@@ -180,18 +180,27 @@ class LoraLinear(LoraLayer):
                 return fused
         if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._fast_path_applies(x, name):
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
-        weight = base.weight.T if self.fan_in_fan_out else base.weight
-        dropout = self.lora_dropout[name]
+        # straight from the modules' dicts: nn.Module.__getattr__ costs about a microsecond per lookup, per layer and call
+        modules = self._modules
+        base_parameters = modules["base_layer"]._parameters  # type: ignore[union-attr]
+        weight = base_parameters["weight"]
+        assert weight is not None
+        dropout = modules["lora_dropout"]._modules[name]  # type: ignore[union-attr]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        return lora_linear(x, weight, base.bias, self.lora_A[name].weight, *self.lora_b_and_scaling(name, x.dtype), p)
+        lora_a = modules["lora_A"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
+        return lora_linear(
+            x, weight.T if self.fan_in_fan_out else weight, base_parameters.get("bias"), lora_a,
+            *self.lora_b_and_scaling(name, x.dtype), p,
+        )
 
     def lora_b_and_scaling(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         """``(B, scaling)`` for the fused kernel; without gradients, ``(scaling * B in dtype, 1.0)``, cached until B changes.
 
         The cache spares inference one small kernel per layer and call.
         """
-        lora_b, scaling = self.lora_B[name].weight, self.scaling[name]
+        lora_b = self._modules["lora_B"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
+        assert lora_b is not None
+        scaling = self.scaling[name]
         if torch.is_grad_enabled():
             return lora_b, scaling
         key = (name, scaling, dtype, _versions(lora_b))
@@ -282,11 +291,13 @@ class LoraLinear(LoraLayer):
         It does not for quantized or subclassed base layers, a trainable base
         weight or bias, mixed dtypes, or where :func:`fusable_call` says no.
         """
-        base = self.base_layer
+        base = self._modules["base_layer"]
         if type(base) not in (nn.Linear, Conv1D):
             return False
-        weight, bias, lora_a = base.weight, base.bias, self.lora_A[name].weight
-        if weight.requires_grad or (bias is not None and bias.requires_grad):
+        assert base is not None
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        lora_a = self._modules["lora_A"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
+        if weight is None or lora_a is None or weight.requires_grad or (bias is not None and bias.requires_grad):
             return False
         return x.dtype == weight.dtype == lora_a.dtype and fusable_call(base, x)
 
@@ -384,7 +395,7 @@ def fusable_call(base: nn.Module, x: torch.Tensor) -> bool:
     """
     if torch.compiler.is_compiling() or not x.dtype.is_floating_point or torch.is_autocast_enabled(x.device.type):
         return False
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if base._forward_hooks or base._forward_pre_hooks or "_hf_hook" in base.__dict__:  # accelerate sets it as a plain attribute
         return False
     return not (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks)
 
