@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from peftkit_lora import dropout, dropout_products, kernels
+from peftkit_lora import dropout, dropout_products, kernels, launch
 from peftkit_lora.kernels import LoraLinearFunction
 
-triton_runs = dropout_products._kernels() is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+triton_runs = launch.product_kernel("down_kernel") is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(not triton_runs, reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused products serve CUDA tensors")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +57,7 @@ def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(rows:
 def test_applies_only_where_it_computes_the_same_function() -> None:
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     assert not dropout_products.dropped_products_apply(x, 16), "CPU tensors take the two-pass path"
-    if not torch.cuda.is_available() or dropout_products._kernels() is None:
+    if not torch.cuda.is_available() or launch.product_kernel("down_kernel") is None:
         return
     x = x.cuda()
     assert dropout_products.dropped_products_apply(x, 16)

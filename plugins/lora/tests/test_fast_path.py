@@ -71,7 +71,7 @@ def reference_output(layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
 def test_module_fast_path_equals_composition_in_outputs_and_grads() -> None:
     _model, layer = lora_mlp()
     x = torch.randn(4, 8, requires_grad=True)
-    assert layer._fast_path_applies(x, "default")
+    assert layer._fast_path_operands(x, "default") is not None
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     fast = layer(x)
     fast_grads = torch.autograd.grad(fast.sum(), [x, *params])
@@ -120,7 +120,7 @@ def test_falls_back_to_the_plain_path(case: str) -> None:
     elif case == "dtype":  # LoRA weights in float64 on a float32 base
         layer.lora_A.to(torch.float64), layer.lora_B.to(torch.float64)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
-        assert not layer._fast_path_applies(x, "default")
+        assert layer._fast_path_operands(x, "default") is None
         out = layer(x)
         expected = reference_output(layer, x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -18,23 +18,23 @@ elements per call), so either path, fused or not, drops the same elements.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import torch
 
 from peftkit_lora.dropout import seed_salt
-from peftkit_lora.launch import CachedLaunch
+from peftkit_lora.launch import CachedLaunch, product_kernel, rank_block, triton_blocks
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
 DOWN_TILE = (32, 64, 4, 4)
 BACKWARD_TILE = (64, 64, 4, 3)
+MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the unfused path serves them
 _ROW_CHUNKS_PER_SM = 2  # backward programs per column block and SM, each summing A's gradient over its rows
 
 
 def dropped_products_apply(x: torch.Tensor, rank: int) -> bool:
     """Whether the fused products serve ``x``: CUDA, 16-bit (float32 would take TF32 products), 2-D, contiguous, width a multiple of 8."""
-    fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and rank <= 64
-    return fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and _kernels() is not None
+    fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and rank <= MAX_RANK
+    return fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and product_kernel("down_kernel") is not None
 
 
 def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
@@ -43,8 +43,7 @@ def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: in
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
     block_m, block_k, warps, stages = DOWN_TILE
-    down, _ = _launches()
-    down(
+    _launch("down_kernel")(
         (triton_blocks(m, block_m),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
     )
@@ -67,8 +66,7 @@ def dropped_backward(
     rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
-    _, back = _launches()
-    back(
+    _launch("backward_kernel")(
         (column_blocks, chunks), x, grad_x, grad_h, a, partial, m, k, r, rows_per_chunk,
         _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
@@ -76,15 +74,10 @@ def dropped_backward(
     return partial.sum(0)
 
 
-def triton_blocks(n: int, block: int) -> int:
-    """How many blocks of ``block`` cover ``n``."""
-    return (n + block - 1) // block
-
-
-def _launches() -> tuple[Any, Any]:
-    kernels = _kernels()
-    assert kernels is not None, "dropped_products_apply says whether Triton is there"
-    return kernels
+def _launch(name: str) -> CachedLaunch:
+    kernel = product_kernel(name)
+    assert kernel is not None, "dropped_products_apply says whether Triton is there"
+    return kernel
 
 
 @functools.cache
@@ -94,17 +87,3 @@ def _multiprocessors(device: torch.device) -> int:
 
 def _threshold(p: float) -> int:
     return round(p * 65536)  # as peftkit_lora.dropout: dropped when the element's 16 random bits fall below
-
-
-def rank_block(r: int) -> int:
-    """The rank padded for ``tl.dot``: a power of two, 16 or more."""
-    return max(16, 1 << (r - 1).bit_length())
-
-
-@functools.cache
-def _kernels() -> tuple[Any, Any] | None:
-    try:
-        from peftkit_lora import _product_kernels as kernels
-    except ImportError:  # no Triton
-        return None
-    return CachedLaunch(kernels.down_kernel), CachedLaunch(kernels.backward_kernel)

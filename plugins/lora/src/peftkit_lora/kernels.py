@@ -32,21 +32,14 @@ model) are cast inside, and their gradients come back in their own dtype.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
-from peftkit_lora.dropout_products import (
-    dropped_backward,
-    dropped_down_projection,
-    dropped_products_apply,
-    rank_block,
-    triton_blocks,
-)
-from peftkit_lora.launch import CachedLaunch
+from peftkit_lora.dropout_products import MAX_RANK, dropped_backward, dropped_down_projection, dropped_products_apply
+from peftkit_lora.launch import product_kernel, rank_block, triton_blocks
 
 # Row slices ``(rows, dense)`` of a packed base weight, built one at a time as the iterable is advanced.
 WeightSlices = Callable[[], Iterable[tuple[slice, torch.Tensor]]]
@@ -252,9 +245,9 @@ MERGE_TILE = (64, 128, 4, 3)  # (rows, columns, num_warps, num_stages) per progr
 
 def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``weight + b @ a`` as a new tensor: on CUDA in 16 bits one Triton pass (cuBLAS runs this rank-``r`` GEMM at a third of the memory rate)."""
-    launch = _merge_launch()
+    launch = product_kernel("merge_kernel")
     rank = b.shape[1]
-    if launch is None or not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16) or rank > 64:
+    if launch is None or not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16) or rank > MAX_RANK:
         return torch.addmm(weight, b, a)
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
@@ -266,11 +259,3 @@ def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tor
     )
     return out
 
-
-@functools.cache
-def _merge_launch() -> CachedLaunch | None:
-    try:
-        from peftkit_lora import _product_kernels
-    except ImportError:  # no Triton
-        return None
-    return CachedLaunch(_product_kernels.merge_kernel)

@@ -14,6 +14,7 @@ CPU interpreter take the ordinary path every time.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -43,6 +44,26 @@ class CachedLaunch:
         result = self._kernel[grid](*args, **constexprs, **options)
         if key is not None and hasattr(result, "packed_metadata"):  # a compiled kernel (the interpreter returns none)
             self._compiled[key] = result
+
+
+@functools.cache
+def product_kernel(name: str) -> CachedLaunch | None:
+    """The kernel ``name`` of :mod:`peftkit_lora._product_kernels` behind a :class:`CachedLaunch`; ``None`` without Triton."""
+    try:
+        from peftkit_lora import _product_kernels
+    except ImportError:
+        return None
+    return CachedLaunch(getattr(_product_kernels, name))
+
+
+def triton_blocks(n: int, block: int) -> int:
+    """How many blocks of ``block`` cover ``n``."""
+    return (n + block - 1) // block
+
+
+def rank_block(r: int) -> int:
+    """The rank padded for ``tl.dot``: a power of two, 16 or more."""
+    return max(16, 1 << (r - 1).bit_length())
 
 
 def _specialization(args: tuple[Any, ...], constexprs: dict[str, Any]) -> tuple[Any, ...] | None:

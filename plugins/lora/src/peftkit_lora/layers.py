@@ -178,19 +178,16 @@ class LoraLinear(LoraLayer):
             fused = self._mixed_inference(x, self.rows)
             if fused is not None:
                 return fused
-        if name is None or self.rows is not None or self.merged_adapters or args or kwargs or not self._fast_path_applies(x, name):
+        if name is None or self.rows is not None or self.merged_adapters or args or kwargs:
             return super().forward(x, *args, **kwargs)
-        # straight from the modules' dicts: nn.Module.__getattr__ costs about a microsecond per lookup, per layer and call
-        modules = self._modules
-        base_parameters = modules["base_layer"]._parameters  # type: ignore[union-attr]
-        weight = base_parameters["weight"]
-        assert weight is not None
-        dropout = modules["lora_dropout"]._modules[name]  # type: ignore[union-attr]
+        operands = self._fast_path_operands(x, name)
+        if operands is None:
+            return super().forward(x, *args, **kwargs)
+        weight, bias, lora_a = operands
+        dropout = self._modules["lora_dropout"]._modules[name]  # type: ignore[union-attr]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        lora_a = modules["lora_A"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
         return lora_linear(
-            x, weight.T if self.fan_in_fan_out else weight, base_parameters.get("bias"), lora_a,
-            *self.lora_b_and_scaling(name, x.dtype), p,
+            x, weight.T if self.fan_in_fan_out else weight, bias, lora_a, *self.lora_b_and_scaling(name, x.dtype), p
         )
 
     def lora_b_and_scaling(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
@@ -285,21 +282,27 @@ class LoraLinear(LoraLayer):
                 cached = self.__dict__[slot] = (key, build())
         return cached[1]
 
-    def _fast_path_applies(self, x: torch.Tensor, name: str) -> bool:
-        """Whether the fused kernel computes exactly what the module composition would.
+    def _fast_path_operands(
+        self, x: torch.Tensor, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """``(base weight, base bias, lora_A weight)`` where the fused kernel computes exactly what the module composition would, else ``None``.
 
         It does not for quantized or subclassed base layers, a trainable base
         weight or bias, mixed dtypes, or where :func:`fusable_call` says no.
+        They are read straight from the modules' dicts: ``nn.Module.__getattr__``
+        costs about a microsecond per lookup, per layer and call.
         """
         base = self._modules["base_layer"]
         if type(base) not in (nn.Linear, Conv1D):
-            return False
+            return None
         assert base is not None
         weight, bias = base._parameters["weight"], base._parameters.get("bias")
         lora_a = self._modules["lora_A"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
         if weight is None or lora_a is None or weight.requires_grad or (bias is not None and bias.requires_grad):
-            return False
-        return x.dtype == weight.dtype == lora_a.dtype and fusable_call(base, x)
+            return None
+        if not (x.dtype == weight.dtype == lora_a.dtype and fusable_call(base, x)):
+            return None
+        return weight, bias, lora_a
 
     def _reset(self, name: str, init: bool | str) -> None:
         _init_pair(self.lora_A[name].weight, self.lora_B[name].weight, self.r[name], init)
