@@ -20,18 +20,42 @@ def plain(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, bb
     return x @ w.T + b + s * (lora_in @ a.T) @ bb.T
 
 
-def operands(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+def operands(dtype: torch.dtype = torch.float64, tokens: int = 3) -> tuple[torch.Tensor, ...]:
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, tokens, 5, dtype=dtype, requires_grad=True)
     w, b = torch.randn(4, 5, dtype=dtype), torch.randn(4, dtype=dtype)
     a = torch.randn(2, 5, dtype=dtype, requires_grad=True)
     bb = torch.randn(4, 2, dtype=dtype, requires_grad=True)
     return x, w, b, a, bb
 
 
-def test_gradcheck_against_float64() -> None:
-    x, w, b, a, bb = operands()
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_gradcheck_against_float64(tokens: int) -> None:
+    """Two tokens go through the low-rank products; six through a merged copy of the weight (without dropout)."""
+    x, w, b, a, bb = operands(tokens=tokens)
+    assert kernels._merges_in_training(x.reshape(-1, 5), w, 0.0) == (tokens == 3)
     assert torch.autograd.gradcheck(lambda x, a, bb: LoraLinearFunction.apply(x, w, b, a, bb, 0.7, 0.0, 0), (x, a, bb))
+    fast = LoraLinearFunction.apply(x, w, b, a, bb, 0.7, 0.0, 0)
+    reference = plain(x, w, b, a, bb, 0.7, None)
+    torch.testing.assert_close(fast, reference)
+    for got, want in zip(torch.autograd.grad(fast.pow(2).sum(), (x, a, bb)), torch.autograd.grad(reference.pow(2).sum(), (x, a, bb))):
+        torch.testing.assert_close(got, want)
+
+
+def test_training_merges_only_without_dropout_and_an_unpacked_weight() -> None:
+    x, w, _b, _a, _bb = operands(tokens=3)
+    flat = x.reshape(-1, 5)
+    assert kernels._merges_in_training(flat, w, 0.0)
+    assert not kernels._merges_in_training(flat, w, 0.1), "dropout on the LoRA input alone cannot be merged"
+    assert not kernels._merges_in_training(flat, None, 0.0), "a packed weight is never rebuilt whole"
+    assert not kernels._merges_in_training(flat.bfloat16(), w.bfloat16(), 0.0), "bf16 would round s B A away"
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert not kernels._merges_in_training(flat.float(), w.float(), 0.0), "nor TF32"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert kernels._merges_in_training(flat.float(), w.float(), 0.0)
 
 
 def test_dropout_matches_plain_path_with_the_same_mask() -> None:
@@ -93,6 +117,36 @@ def test_whole_model_training_step_matches_the_plain_path() -> None:
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     fast, slow = step(True), step(False)
+    assert fast.keys() == slow.keys() and fast
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(("kind", "fed_by_embeddings"), [("llama", 3), ("gpt2", 1)])
+def test_long_batch_training_of_a_whole_model_equals_the_plain_path(kind: str, fed_by_embeddings: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long batches train through merged copies of the weights (GPT-2's Conv1D ones transposed); loss and grads as plain."""
+    ids = torch.randint(3, 64, (4, 32))
+    merges = []
+    build = kernels.merged_weight
+    monkeypatch.setattr(kernels, "merged_weight", lambda *args: merges.append(1) or build(*args))
+
+    def step(fast: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = peftkit.get_peft_model(tiny_model(kind), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        if not fast:
+            for module in model.modules():
+                if isinstance(module, LoraLinear):
+                    module.forward = LoraLayer.forward.__get__(module)  # type: ignore[method-assign]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (fast_loss, fast), (slow_loss, slow) = step(True), step(False)
+    adapted = sum(isinstance(m, LoraLinear) for m in peftkit.get_peft_model(tiny_model(kind), LoraConfig(target_modules="all-linear")).modules())
+    # each adapted linear merges in forward, and again in backward where its input needs a gradient
+    # (not the first block's q/k/v or c_attn: the frozen embeddings give their input)
+    assert len(merges) == 2 * adapted - fed_by_embeddings
+    torch.testing.assert_close(fast_loss, slow_loss)
     assert fast.keys() == slow.keys() and fast
     for name in fast:
         torch.testing.assert_close(fast[name], slow[name], atol=1e-6, rtol=1e-4, msg=name)

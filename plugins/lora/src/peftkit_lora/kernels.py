@@ -8,7 +8,9 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
   (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written;
 - without gradients on CUDA, a batch long enough that it moves fewer bytes computes
   with a merged copy of the weight made for the call (see
-  :func:`_merging_moves_less`);
+  :func:`_merging_moves_less`); so does training without dropout in full
+  float32 (see :func:`_merges_in_training`), the copy built again in backward
+  for the input gradient rather than kept;
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
   low-rank product is written first and the base matmul accumulates onto it
   (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
@@ -66,6 +68,10 @@ def lora_forward(
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         h = _rank_product(lora_in, a.T)
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
+    if _merges_in_training(flat_x, weight, dropout_p):
+        assert weight is not None
+        out = torch.nn.functional.linear(flat_x, merged_weight(weight, b, a), None if bias is None else _as(bias, x.dtype))
+        return out.view(*x.shape[:-1], out.shape[-1]), a, b, h
     out = torch.addmm(_as(bias, x.dtype), h, b.T) if bias is not None else h @ b.T
     if weight_slices is None:
         assert weight is not None
@@ -96,6 +102,10 @@ def lora_backward(
     flat_x = x.reshape(-1, x.shape[-1])
     grad_h = _rank_product(flat_grad, b)  # (N, r); b carries the scale
     grad_b = _scaled(_rank_product(flat_grad.T, h), scaling, lora_dtypes[1])
+    if input_grad and _merges_in_training(flat_x, weight, dropout_p):
+        assert weight is not None
+        grad_x = flat_grad @ merged_weight(weight, b, a)  # the forward's merged copy, built again rather than kept
+        return grad_x.view_as(x), (grad_h.T @ flat_x).to(lora_dtypes[0]), grad_b
     if input_grad and dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
         # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
         base_grad = _base_input_grad(flat_grad, weight, weight_slices)
@@ -226,6 +236,29 @@ def _merging_moves_less(x: torch.Tensor, weight: torch.Tensor) -> bool:
     out_features, in_features = weight.shape
     tokens = x.numel() // in_features
     return 2 * in_features * out_features <= tokens * (in_features + 2 * out_features)
+
+
+_FULL_PRECISION = (torch.float32, torch.float64)
+
+
+def _merges_in_training(flat_x: torch.Tensor, weight: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether a training call computes through ``W + s B A``, built in forward and again in backward.
+
+    Exact without dropout only (with it the LoRA input differs from the base's),
+    and only in full float32 or float64: a 16-bit (or TF32) copy would round
+    away the small ``s B A`` of an adapter early in training, so the outputs
+    would not follow its updates. The low-rank path writes and reads back an output-sized term in forward
+    and an input-sized one in backward: ``2 tokens (in + out)`` elements;
+    merging reads ``W`` and writes the copy twice, ``4 in out``, and drops
+    those two rank-``r`` GEMMs for two of ``in * out * r``. ``h = x A^T`` is
+    still computed: ``B``'s gradient needs it.
+    """
+    if dropout_p > 0 or weight is None or flat_x.dtype not in _FULL_PRECISION:
+        return False
+    if flat_x.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return False
+    out_features, in_features = weight.shape
+    return 2 * in_features * out_features <= flat_x.shape[0] * (in_features + out_features)
 
 
 def _merged_forward(
