@@ -219,7 +219,7 @@ class LoraLinear(LoraLayer):
         lora_a, lora_b, ranks = self._concatenated(rows.names)
         if lora_a is None or lora_b is None:
             return result  # none of the batch's adapters is on this layer
-        flat_h = _own_columns(x.to(lora_a.dtype), lora_a, rows, ranks)
+        flat_h = _own_columns(x.to(lora_a.dtype).reshape(-1, x.shape[-1]), x.shape[0], lora_a, rows, ranks)
         flat_out = result.reshape(-1, result.shape[-1])
         if result.dtype != flat_h.dtype:
             return result + (flat_h @ lora_b.T).view(result.shape).to(result.dtype)
@@ -233,18 +233,20 @@ class LoraLinear(LoraLayer):
         As the single-adapter fast path, it skips the base module's call and
         output buffer; ``None`` where the plain base module must run.
         """
-        base = self.base_layer
-        if type(base) not in (nn.Linear, Conv1D) or not fusable_call(base, x) or x.shape[0] != rows.index.shape[0]:
+        base = self._modules["base_layer"]
+        assert base is not None
+        if type(base) not in (nn.Linear, Conv1D) or x.shape[0] != rows.index.shape[0] or not fusable_call(base, x):
             return None
-        if self._mixed_dropout(rows):
+        if self.training and self._mixed_dropout(rows):
             return None  # dropout applies in training mode, gradients or not: the per-adapter path
         lora_a, lora_b, ranks = self._concatenated(rows.names)
-        if lora_a is None or lora_b is None or not (x.dtype == base.weight.dtype == lora_a.dtype):
+        weight, bias = base._parameters["weight"], base._parameters.get("bias")
+        if lora_a is None or lora_b is None or weight is None or not (x.dtype == weight.dtype == lora_a.dtype):
             return None
-        flat_h = _own_columns(x, lora_a, rows, ranks)
-        out = flat_h @ lora_b.T if base.bias is None else torch.addmm(base.bias, flat_h, lora_b.T)
-        weight = base.weight if self.fan_in_fan_out else base.weight.T
-        out.addmm_(x.reshape(-1, x.shape[-1]), weight)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_h = _own_columns(flat_x, x.shape[0], lora_a, rows, ranks)
+        out = flat_h @ lora_b.T if bias is None else torch.addmm(bias, flat_h, lora_b.T)
+        out.addmm_(flat_x, weight if self.fan_in_fan_out else weight.T)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _mixed_dropout(self, rows: MixedRows) -> bool:
@@ -257,21 +259,23 @@ class LoraLinear(LoraLayer):
         Without gradients the result is cached until a weight or scale changes;
         with them it is built anew each call, so that gradients reach each adapter.
         """
-        present = [n for n in names if n in self.scaling]
-        ranks = tuple(self.r.get(n, 0) for n in names)
+        scaling = self.scaling
+        present = [n for n in names if n in scaling]
+        ranks = tuple([self.r.get(n, 0) for n in names])
         if not present:
             return None, None, ranks
         # straight from the modules' dicts: nn.Module.__getattr__ would cost microseconds per lookup, per layer and call
         a_modules, b_modules = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules  # type: ignore[union-attr]
-        weights = [(a_modules[n]._parameters["weight"], b_modules[n]._parameters["weight"]) for n in present]  # type: ignore[union-attr]
+        a_weights = [a_modules[n]._parameters["weight"] for n in present]  # type: ignore[union-attr]
+        b_weights = [b_modules[n]._parameters["weight"] for n in present]  # type: ignore[union-attr]
 
         def build() -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
-            lora_b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(present, weights)], dim=1)
-            return torch.cat([a for a, _ in weights]), lora_b, ranks
+            lora_b = torch.cat([b * scaling[n] for n, b in zip(present, b_weights)], dim=1)  # type: ignore[misc,operator]
+            return torch.cat(a_weights), lora_b, ranks  # type: ignore[arg-type]
 
-        if torch.is_grad_enabled() and any(a.requires_grad or b.requires_grad for a, b in weights):
+        if torch.is_grad_enabled() and any(w.requires_grad for w in (*a_weights, *b_weights)):  # type: ignore[union-attr]
             return build()
-        key = (names, tuple(self.scaling[n] for n in present), _versions(*(w for pair in weights for w in pair)))
+        key = (names, [scaling[n] for n in present], _versions(*a_weights, *b_weights))  # type: ignore[arg-type]
         return self._reused("_concat_cache", key, build)
 
     def _reused(self, slot: str, key: object, build: Callable[[], T]) -> T:
@@ -377,16 +381,16 @@ class LoraConv2d(LoraLayer):
         return combined * self.scaling[name]
 
 
-def _own_columns(x: torch.Tensor, lora_a: torch.Tensor, rows: MixedRows, ranks: tuple[int, ...]) -> torch.Tensor:
-    """``x`` through every adapter's ``A`` at once, each row keeping only its own adapter's columns: (rows x tokens, sum of ranks)."""
-    h = x.reshape(x.shape[0], -1, x.shape[-1]) @ lora_a.T  # (batch, tokens, sum of ranks)
-    h.mul_(rows.column_mask(ranks, h.dtype))
-    return h.reshape(-1, h.shape[-1])
+def _own_columns(flat_x: torch.Tensor, batch: int, lora_a: torch.Tensor, rows: MixedRows, ranks: tuple[int, ...]) -> torch.Tensor:
+    """``flat_x`` (a batch's rows of tokens) through every adapter's ``A`` at once, each row keeping only its own adapter's columns."""
+    h = flat_x @ lora_a.T  # (batch x tokens, sum of ranks)
+    h.view(batch, -1, h.shape[-1]).mul_(rows.column_mask(ranks, h.dtype))
+    return h
 
 
-def _versions(*tensors: torch.Tensor) -> tuple[tuple[int, int], ...]:
+def _versions(*tensors: torch.Tensor) -> list[tuple[int, int]]:
     """What changes when a tensor is written in place or replaced: its version counter and its storage address."""
-    return tuple((t._version, t.data_ptr()) for t in tensors)
+    return [(t._version, t.data_ptr()) for t in tensors]
 
 
 def fusable_call(base: nn.Module, x: torch.Tensor) -> bool:
