@@ -129,8 +129,11 @@ def timed(step, warmup: int, steps: int, device: str) -> float:  # type: ignore[
     return statistics.median(times)
 
 
-def run_train(variant: str, tiny: bool, device: str, graphed: bool = False) -> dict[str, float]:
-    """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph."""
+def run_train(variant: str, tiny: bool, device: str, graphed: bool = False, profile_dir: str | None = None) -> dict[str, float]:
+    """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph.
+
+    With ``profile_dir``, an eager variant also writes its GPU time per kernel there.
+    """
     import torch
 
     batch, seq = (2, 64) if tiny else (8, 1024)
@@ -156,7 +159,27 @@ def run_train(variant: str, tiny: bool, device: str, graphed: bool = False) -> d
         torch.cuda.reset_peak_memory_stats()
     ms = timed(captured(step) if graphed and device == "cuda" else step, 3, 12, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    if profile_dir is not None and not graphed and device == "cuda":
+        profile_kernels(step, Path(profile_dir) / f"{variant}.txt")
     return {"ms": ms, "peak_gib": peak}
+
+
+def profile_kernels(step, path: Path) -> None:  # type: ignore[no-untyped-def]
+    """GPU time per kernel over two steps (after the timed ones), summed by kernel name: where the time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in events)
+    lines = [f"{total / 2000:.1f} ms of kernels per step; per kernel name: ms per step, calls per step, share"]
+    for e in events[:40]:
+        lines.append(f"{e.device_time_total / 2000:8.2f} ms {e.count // 2:6d}  {100 * e.device_time_total / total:5.1f}%  {e.key[:150]}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def captured(step):  # type: ignore[no-untyped-def]
@@ -301,7 +324,7 @@ def dropout_check(device: str) -> dict[str, float]:
     }
 
 
-def child(variant: str, tiny: bool, device: str) -> None:
+def child(variant: str, tiny: bool, device: str, profile_dir: str | None = None) -> None:
     graphed = variant.endswith(GRAPHED)
     variant = variant.removesuffix(GRAPHED)
     for suffix, switch in EARLIER_FORMS.items():
@@ -313,7 +336,7 @@ def child(variant: str, tiny: bool, device: str) -> None:
     if variant == "check":
         result = run_check(tiny, device)
     elif variant in TRAIN_VARIANTS:
-        result = run_train(variant, tiny, device, graphed)
+        result = run_train(variant, tiny, device, graphed, profile_dir)
     else:
         result = run_infer(variant, tiny, device)
     print("RESULT " + json.dumps(result))
@@ -327,6 +350,7 @@ def parent(args: argparse.Namespace) -> None:
     chosen = args.variants.split(",") if args.variants else ["check", *TRAIN_VARIANTS, *INFER_VARIANTS]
     for variant in chosen:
         command = [sys.executable, __file__, "--variant", variant, "--device", device] + (["--tiny"] if args.tiny else [])
+        command += ["--profile", args.profile] if args.profile else []
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
@@ -403,9 +427,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_lora.md"))
     parser.add_argument("--json-out", default="gpu_lora.json")
     parser.add_argument("--variants", help="comma-separated subset to run (default: all; the table lists the rest as failed)")
+    parser.add_argument("--profile", metavar="DIR", help="also write each eager training variant's GPU time per kernel to DIR/VARIANT.txt")
     args = parser.parse_args()
     if args.variant:
-        child(args.variant, args.tiny, args.device)
+        child(args.variant, args.tiny, args.device, args.profile)
     else:
         parent(args)
 

@@ -93,7 +93,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
     grad_x = torch.randn(n, d_in, **bf16)
     measure(f"down, dropout pass + mm {n}x{d_in}", lambda: seeded_dropout(x, 0.05, 7) @ a.T)
     measure(f"down, no dropout (mm) {n}x{d_in}", lambda: x @ a.T)
-    for tile in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (16, 128, 4, 4), (32, 256, 8, 3)):
+    for tile in ((32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (16, 128, 4, 4)):
         dropout_products.DOWN_TILE = tile
         measure(f"down, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_down_projection(x, a, 0.05, 7))
 
@@ -104,9 +104,16 @@ def dropout_products_shape(n: int, d_in: int) -> None:
         grad_x.add_(spread)  # what the base GEMM's beta = 1 read costs, roughly
 
     measure(f"backward, pair kernel + mms {n}x{d_in}", two_pass)
-    for tile in ((64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4)):
-        dropout_products.BACKWARD_TILE = tile
-        measure(f"backward, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, 0.05, 7))
+    measure(f"backward, no dropout: grad_h a, grad_h^T x {n}x{d_in}", lambda: (grad_h @ a, grad_h.T @ x))
+    dropout_products.DOWN_TILE = (16, 128, 4, 4)
+    _, keep = dropout_products.dropped_down_projection(x, a, 0.05, 7)
+    for tile in ((64, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)):
+        for per_sm in (2, 4, 8, 16):
+            dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = tile, per_sm
+            measure(
+                f"backward, fused {tile} {per_sm}/SM {n}x{d_in}",
+                lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, 0.05),
+            )
 
 
 def merged_forward_shape(n: int, d_in: int, d_out: int) -> None:

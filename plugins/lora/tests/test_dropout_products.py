@@ -32,10 +32,18 @@ def test_down_projection_applies_the_dropout_kernels_mask(rows: int, cols: int, 
     torch.manual_seed(0)
     x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
     a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
-    h = dropout_products.dropped_down_projection(x, a, p, seed=17)
-    want = (x.double() * mask_of(rows, cols, p, 17)) @ a.double().T
+    h, keep = dropout_products.dropped_down_projection(x, a, p, seed=17)
+    mask = mask_of(rows, cols, p, 17)
+    want = (x.double() * mask) @ a.double().T
     assert h.shape == (rows, rank) and h.dtype == DTYPE
     assert relative_error(h, want) < 5e-3
+    assert keep.shape == (rows, cols // 8) and keep.dtype == torch.uint8
+    assert torch.equal(unpacked(keep), mask != 0), "the packed mask is the mask applied, bit j of byte c for element 8c + j"
+
+
+def unpacked(keep: torch.Tensor) -> torch.Tensor:
+    bits = (keep.long()[:, :, None] >> torch.arange(8, device=keep.device)) & 1
+    return bits.reshape(keep.shape[0], -1) != 0
 
 
 @needs_triton
@@ -47,8 +55,9 @@ def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(rows:
     grad_h = torch.randn(rows, rank, device=DEVICE, dtype=DTYPE)
     a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
     mask = mask_of(rows, cols, p, 5)
+    _, keep = dropout_products.dropped_down_projection(x, a, p, seed=5)  # backward reads the forward's packed mask
     want_grad_x = grad_x.double() + mask * (grad_h.double() @ a.double())
-    grad_a = dropout_products.dropped_backward(x, grad_x, grad_h, a, p, seed=5)
+    grad_a = dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, p)
     assert relative_error(grad_x, want_grad_x) < 5e-3, "grad_x is updated in place"
     assert grad_a.dtype == torch.float32
     assert relative_error(grad_a, grad_h.double().T @ (x.double() * mask)) < 5e-3

@@ -5,20 +5,44 @@ import triton.language as tl
 
 
 @triton.jit
-def keep_mask(seed, rows, k0, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_M, BLOCK_K): which elements of the tile at (rows, k0) the seed keeps; one Philox call per 8."""
+def philox_words(seed, rows, k0, K, BLOCK_K: tl.constexpr, ROUNDS: tl.constexpr):
+    """Four (BLOCK_M, BLOCK_K // 8) words of 32 random bits for the tile at (rows, k0): one Philox call per 8 elements, 16 bits each."""
     groups = (rows[:, None].to(tl.int64) * K + k0) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
-    r0, r1, r2, r3 = tl.randint4x(seed, groups)
+    return tl.randint4x(seed, groups, ROUNDS)
+
+
+@triton.jit
+def kept(r0, r1, r2, r3, threshold, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) booleans: element ``8 c + j`` is kept where its 16 bits (half ``j % 2`` of word ``j // 2``) reach ``threshold``."""
     lane = tl.arange(0, 8)[None, None, :]
     word = tl.where(lane < 2, r0[:, :, None], tl.where(lane < 4, r1[:, :, None], tl.where(lane < 6, r2[:, :, None], r3[:, :, None])))
     bits = tl.where(lane % 2 == 0, word, word >> 16) & 0xFFFF
-    return tl.reshape(bits, (BLOCK_M, BLOCK_K))
+    return tl.reshape(bits >= threshold, (BLOCK_M, BLOCK_K))
+
+
+@triton.jit
+def packed_kept(r0, r1, r2, r3, threshold):
+    """The same mask packed, (BLOCK_M, BLOCK_K // 8) bytes, bit ``j`` for element ``8 c + j``: elementwise on the words, no reshuffle."""
+    byte = ((r0 & 0xFFFF) >= threshold).to(tl.int32) | (((r0 >> 16) >= threshold).to(tl.int32) << 1)
+    byte |= (((r1 & 0xFFFF) >= threshold).to(tl.int32) << 2) | (((r1 >> 16) >= threshold).to(tl.int32) << 3)
+    byte |= (((r2 & 0xFFFF) >= threshold).to(tl.int32) << 4) | (((r2 >> 16) >= threshold).to(tl.int32) << 5)
+    byte |= (((r3 & 0xFFFF) >= threshold).to(tl.int32) << 6) | (((r3 >> 16) >= threshold).to(tl.int32) << 7)
+    return byte.to(tl.uint8)
+
+
+@triton.jit
+def unpack_kept(packed_tile, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_M, BLOCK_K) booleans from a (BLOCK_M, BLOCK_K // 8) tile of the packed mask."""
+    lane = tl.arange(0, 8)[None, None, :]
+    return tl.reshape(((packed_tile.to(tl.int32)[:, :, None] >> lane) & 1) != 0, (BLOCK_M, BLOCK_K))
+
 
 @triton.jit(do_not_specialize=["seed"])
 def down_kernel(
-    x, a, h, M, K, R, threshold, scale, seed, salt,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    x, a, h, packed, M, K, R, threshold, scale, seed, salt,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROUNDS: tl.constexpr,
 ):
+    """``h = dropout(x) a^T``; the mask is also written packed, 8 elements per byte, for the backward kernel."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rank = tl.arange(0, BLOCK_R)
     seed = seed + tl.load(salt)
@@ -26,27 +50,38 @@ def down_kernel(
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < M) & (cols[None, :] < K), other=0.0)
-        keep = keep_mask(seed, rows, k0, K, BLOCK_M, BLOCK_K) >= threshold
+        r0, r1, r2, r3 = philox_words(seed, rows, k0, K, BLOCK_K, ROUNDS)
+        byte_cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        tl.store(
+            packed + rows[:, None] * (K // 8) + byte_cols[None, :], packed_kept(r0, r1, r2, r3, threshold),
+            mask=(rows[:, None] < M) & (byte_cols[None, :] < K // 8),
+        )
+        keep = kept(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
         dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
         a_tile = tl.load(a + rank[None, :] * K + cols[:, None], mask=(rank[None, :] < R) & (cols[:, None] < K), other=0.0)
         acc = tl.dot(dropped, a_tile, acc)
     tl.store(h + rows[:, None] * R + rank[None, :], acc.to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
 
-@triton.jit(do_not_specialize=["seed"])
+
+@triton.jit
 def backward_kernel(
-    x, grad_x, grad_h, a, partial, M, K, R, rows_per_chunk, threshold, scale, seed, salt,
+    x, grad_x, grad_h, a, packed, partial, M, K, R, rows_per_chunk, scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """``grad_x += dropout(grad_h a)`` in place and per-chunk partial sums of ``grad_h^T dropout(x)``, the mask read packed."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    byte_cols = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     chunk = tl.program_id(1)
     rank = tl.arange(0, BLOCK_R)
-    seed = seed + tl.load(salt)
     a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0)
     grad_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(chunk * rows_per_chunk, min(M, (chunk + 1) * rows_per_chunk), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         inside = (rows[:, None] < M) & (cols[None, :] < K)
-        keep = keep_mask(seed, rows, tl.program_id(0) * BLOCK_K, K, BLOCK_M, BLOCK_K) >= threshold
+        packed_tile = tl.load(
+            packed + rows[:, None] * (K // 8) + byte_cols[None, :], mask=(rows[:, None] < M) & (byte_cols[None, :] < K // 8), other=0
+        )
+        keep = unpack_kept(packed_tile, BLOCK_M, BLOCK_K)
         gh = tl.load(grad_h + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < M) & (rank[None, :] < R), other=0.0)
         x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
         dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
@@ -56,7 +91,6 @@ def backward_kernel(
         gx = tl.load(gx_ptrs, mask=inside, other=0.0).to(tl.float32)
         tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
     tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
-
 
 
 @triton.jit

@@ -6,13 +6,17 @@ again (for ``A``'s gradient) beside the masked input gradient: six passes over
 each adapted layer's input. Here, on CUDA:
 
 - :func:`dropped_down_projection`: ``h = dropout(x) A^T``, one read of ``x``;
-- :func:`dropped_backward`: one read of ``x`` and one read and write of the
-  input gradient give both ``grad_x += dropout(grad_h A)`` and
-  ``grad_A = grad_h^T dropout(x)``, drawing the mask once for both.
+  it also writes the mask packed, one bit per element (1/16 of a 16-bit
+  ``x``'s bytes), for backward;
+- :func:`dropped_backward`: one read of ``x``, of the packed mask and one read
+  and write of the input gradient give both ``grad_x += dropout(grad_h A)``
+  and ``grad_A = grad_h^T dropout(x)``.
 
 The masks are :mod:`peftkit_lora.dropout`'s (Philox keyed by seed plus the
 device's salt and the element's row-major index, 16 bits per element, 8
 elements per call), so either path, fused or not, drops the same elements.
+Drawing them is most of the fused forward's time; backward reads the packed
+copy instead of drawing them again.
 """
 
 from __future__ import annotations
@@ -21,14 +25,14 @@ import functools
 
 import torch
 
-from peftkit_lora.dropout import seed_salt
+from peftkit_lora.dropout import PHILOX_ROUNDS, seed_salt
 from peftkit_lora.launch import CachedLaunch, product_kernel, rank_block, triton_blocks
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
-DOWN_TILE = (32, 64, 4, 4)
+DOWN_TILE = (16, 128, 4, 4)
 BACKWARD_TILE = (64, 64, 4, 3)
 MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the unfused path serves them
-_ROW_CHUNKS_PER_SM = 2  # backward programs per column block and SM, each summing A's gradient over its rows
+BACKWARD_PROGRAMS_PER_SM = 8  # backward programs per SM: the rows are split into chunks, each summing A's gradient over its rows
 
 
 def dropped_products_apply(x: torch.Tensor, rank: int) -> bool:
@@ -37,38 +41,42 @@ def dropped_products_apply(x: torch.Tensor, rank: int) -> bool:
     return fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and product_kernel("down_kernel") is not None
 
 
-def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """``dropout(x) @ a.T`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it."""
+def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dropout(x) @ a.T, packed mask)`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it.
+
+    The packed mask is ``(M, K / 8)`` bytes, bit ``j`` of byte ``c`` keeping element ``8 c + j`` of its row.
+    """
     m, k = x.shape
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
+    keep = torch.empty(m, k // 8, dtype=torch.uint8, device=x.device)
     block_m, block_k, warps, stages = DOWN_TILE
     _launch("down_kernel")(
-        (triton_blocks(m, block_m),), x, a, h, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
+        (triton_blocks(m, block_m),), x, a, h, keep, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), ROUNDS=PHILOX_ROUNDS, num_warps=warps, num_stages=stages,
     )
-    return h
+    return h, keep
 
 
 def dropped_backward(
-    x: torch.Tensor, grad_x: torch.Tensor, grad_h: torch.Tensor, a: torch.Tensor, p: float, seed: int
+    x: torch.Tensor, grad_x: torch.Tensor, grad_h: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, p: float
 ) -> torch.Tensor:
     """Adds ``dropout(grad_h @ a)`` to ``grad_x`` in place and returns ``grad_h.T @ dropout(x)`` in float32.
 
     ``x`` and ``grad_x`` are ``(M, K)`` and contiguous, ``grad_h`` is
-    ``(M, r)``, ``a`` is ``(r, K)``; both masks are the forward's.
+    ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is the packed mask
+    :func:`dropped_down_projection` gave.
     """
     m, k = x.shape
     r = a.shape[0]
     block_m, block_k, warps, stages = BACKWARD_TILE
     column_blocks = triton_blocks(k, block_k)
-    chunks = max(1, min(triton_blocks(m, block_m), _ROW_CHUNKS_PER_SM * _multiprocessors(x.device) // column_blocks))
+    chunks = max(1, min(triton_blocks(m, block_m), BACKWARD_PROGRAMS_PER_SM * _multiprocessors(x.device) // column_blocks))
     rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
     _launch("backward_kernel")(
-        (column_blocks, chunks), x, grad_x, grad_h, a, partial, m, k, r, rows_per_chunk,
-        _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        (column_blocks, chunks), x, grad_x, grad_h, a, keep, partial, m, k, r, rows_per_chunk, 1.0 / (1.0 - p),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
     )
     return partial.sum(0)

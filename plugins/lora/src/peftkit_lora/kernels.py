@@ -5,7 +5,8 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 - no dropout copy of ``x`` is kept: the mask is regenerated in backward from
   a seed (see :mod:`peftkit_lora.dropout`), so neither it nor ``dropout(x)``
   is stored; on CUDA it is drawn inside the low-rank products themselves
-  (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written;
+  (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written,
+  and kept for backward packed, a bit per element;
 - without gradients on CUDA, a batch long enough that it moves fewer bytes computes
   with a merged copy of the weight made for the call (see
   :func:`_merging_moves_less`); so does training without dropout in full
@@ -16,7 +17,8 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
   (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
   the scale folded into ``B`` (one small kernel that also casts it); backward
   does the same for the input gradient;
-- backward stores only ``x`` (which q/k/v share) and the ``(N, r)`` product ``h``;
+- backward stores only ``x`` (which q/k/v share), the ``(N, r)`` product ``h``
+  and, with the fused dropout, its bit mask;
 - on a CPU the rank-``r`` products (``h``, its gradient and ``B``'s) are
   computed transposed, rank first, as :func:`_rank_product` says.
 
@@ -57,13 +59,15 @@ def lora_forward(
     dropout_p: float,
     seed: int,
     weight_slices: WeightSlices | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fused forward: ``(out, a, b, h)``, where ``a``, ``b`` (LoRA weights cast, ``b`` scaled) and ``h`` are what backward needs."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The fused forward: ``(out, a, b, h, keep)``; ``a``, ``b`` (LoRA weights cast, ``b`` scaled), ``h`` and the packed mask ``keep``
+    (where the dropout was drawn inside the products) are what backward needs."""
     flat_x = x.reshape(-1, x.shape[-1])
     a = _as(lora_a, x.dtype)
     b = _scaled(lora_b, scaling, x.dtype)
+    keep = None
     if dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
-        h = dropped_down_projection(flat_x, a, dropout_p, seed)  # the mask drawn inside: no dropped copy of x
+        h, keep = dropped_down_projection(flat_x, a, dropout_p, seed)  # the mask drawn inside: no dropped copy of x
     else:
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         h = _rank_product(lora_in, a.T)
@@ -71,7 +75,7 @@ def lora_forward(
     if _merges_in_training(flat_x, weight, dropout_p):
         assert weight is not None
         out = torch.nn.functional.linear(flat_x, merged_weight(weight, b, a), None if bias is None else _as(bias, x.dtype))
-        return out.view(*x.shape[:-1], out.shape[-1]), a, b, h
+        return out.view(*x.shape[:-1], out.shape[-1]), a, b, h, keep
     out = torch.addmm(_as(bias, x.dtype), h, b.T) if bias is not None else h @ b.T
     if weight_slices is None:
         assert weight is not None
@@ -80,7 +84,7 @@ def lora_forward(
         for rows, dense in weight_slices():
             out[:, rows].addmm_(flat_x, dense.T)
             del dense  # a packed weight's slice is freed before the next one is built
-    return out.view(*x.shape[:-1], out.shape[-1]), a, b, h
+    return out.view(*x.shape[:-1], out.shape[-1]), a, b, h, keep
 
 
 def lora_backward(
@@ -90,6 +94,7 @@ def lora_backward(
     a: torch.Tensor,
     b: torch.Tensor,
     h: torch.Tensor,
+    keep: torch.Tensor | None,
     scaling: float,
     dropout_p: float,
     seed: int,
@@ -106,10 +111,10 @@ def lora_backward(
         assert weight is not None
         grad_x = flat_grad @ merged_weight(weight, b, a)  # the forward's merged copy, built again rather than kept
         return grad_x.view_as(x), (grad_h.T @ flat_x).to(lora_dtypes[0]), grad_b
-    if input_grad and dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
+    if input_grad and keep is not None:
         # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
         base_grad = _base_input_grad(flat_grad, weight, weight_slices)
-        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, dropout_p, seed)
+        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, keep, dropout_p)
         return base_grad.view_as(x), grad_a.to(lora_dtypes[0]), grad_b
     grad_x = grad_h @ a if input_grad else None
     lora_in = flat_x
@@ -160,17 +165,17 @@ class LoraLinearFunction(torch.autograd.Function):
         seed: int,
         weight_slices: WeightSlices | None = None,
     ) -> torch.Tensor:
-        out, a, b, h = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
-        ctx.save_for_backward(x, weight, a, b, h)
+        out, a, b, h, keep = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
+        ctx.save_for_backward(x, weight, a, b, h, keep)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices = scaling, dropout_p, seed, weight_slices
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, a, b, h = ctx.saved_tensors
+        x, weight, a, b, h, keep = ctx.saved_tensors
         grad_x, grad_a, grad_b = lora_backward(
-            grad_out, x, weight, a, b, h, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices,
+            grad_out, x, weight, a, b, h, keep, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices,
             ctx.needs_input_grad[0], ctx.lora_dtypes,
         )
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
