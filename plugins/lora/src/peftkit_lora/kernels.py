@@ -2,11 +2,11 @@
 
 What it saves against the plain composition of modules (Hugging Face PEFT's):
 
-- no dropout copy of ``x`` is kept: the mask is regenerated in backward from
-  a seed (see :mod:`peftkit_lora.dropout`), so neither it nor ``dropout(x)``
-  is stored; on CUDA it is drawn inside the low-rank products themselves
+- no dropout copy of ``x`` is kept: the mask is a function of a seed (see
+  :mod:`peftkit_lora.dropout`), regenerated in backward; on CUDA in 16 bits
+  it is drawn inside the low-rank products themselves
   (:mod:`peftkit_lora.dropout_products`), so ``dropout(x)`` is never written,
-  and kept for backward packed, a bit per element;
+  and kept for backward packed, a bit per element, instead of drawn again;
 - without gradients on CUDA, a batch long enough that it moves fewer bytes computes
   with a merged copy of the weight made for the call (see
   :func:`_merging_moves_less`); so does training without dropout in full
