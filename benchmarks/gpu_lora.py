@@ -356,13 +356,16 @@ def parent(args: argparse.Namespace) -> None:
         if line is None:
             print(f"{variant} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
             results[variant] = {"error": 1.0}
-            continue
-        results[variant] = json.loads(line[len("RESULT "):])
-        print(variant, results[variant], flush=True)
-    table = render(results, device, args.tiny)
-    print(table)
+        else:
+            results[variant] = json.loads(line[len("RESULT "):])
+            print(variant, results[variant], flush=True)
+        write(results, device, args)  # after every variant: a run stopped at a time limit keeps what it measured
+    print(render(results, device, args.tiny))
+
+
+def write(results: dict[str, dict[str, float]], device: str, args: argparse.Namespace) -> None:
     if not args.tiny:
-        Path(args.out).write_text(table)
+        Path(args.out).write_text(render(results, device, args.tiny))
     Path(args.json_out).write_text(json.dumps(results, indent=2))
 
 
