@@ -169,16 +169,19 @@ def profile_kernels(step, path: Path) -> None:  # type: ignore[no-untyped-def]
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    steps = 2
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_time_total > 0]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events)
-    lines = [f"{total / 2000:.1f} ms of kernels per step; per kernel name: ms per step, calls per step, share"]
+    per_step_ms = 1000 * steps  # the profiler counts microseconds over all the steps
+    lines = [f"{total / per_step_ms:.1f} ms of kernels per step; per kernel name: ms per step, calls per step, share"]
     for e in events[:40]:
-        lines.append(f"{e.device_time_total / 2000:8.2f} ms {e.count // 2:6d}  {100 * e.device_time_total / total:5.1f}%  {e.key[:150]}")
+        share = 100 * e.device_time_total / total
+        lines.append(f"{e.device_time_total / per_step_ms:8.2f} ms {e.count // steps:6d}  {share:5.1f}%  {e.key[:150]}")
     path.write_text("\n".join(lines) + "\n")
 
 
