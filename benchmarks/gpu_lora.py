@@ -165,23 +165,32 @@ def run_train(variant: str, tiny: bool, device: str, graphed: bool = False, prof
 
 
 def profile_kernels(step, path: Path) -> None:  # type: ignore[no-untyped-def]
-    """GPU time per kernel over two steps (after the timed ones), summed by kernel name: where the time goes."""
+    """GPU time over two steps (after the timed ones), summed by kernel name, then by the operator (and its input
+    shapes) that launched it: where the time goes."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     steps = 2
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in events)
     per_step_ms = 1000 * steps  # the profiler counts microseconds over all the steps
+    kernels = [  # a range such as the optimizer's step also shows on the GPU's timeline: left out, its kernels are counted
+        e for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0 and not e.is_user_annotation
+    ]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels)
     lines = [f"{total / per_step_ms:.1f} ms of kernels per step; per kernel name: ms per step, calls per step, share"]
-    for e in events[:40]:
+    for e in kernels[:40]:
         share = 100 * e.device_time_total / total
         lines.append(f"{e.device_time_total / per_step_ms:8.2f} ms {e.count // steps:6d}  {share:5.1f}%  {e.key[:150]}")
+    operators = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == torch.autograd.DeviceType.CPU and e.self_device_time_total > 0]
+    operators.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    lines += ["", "per operator and input shapes: GPU ms per step of the kernels it launched itself, calls per step"]
+    for e in operators[:40]:
+        lines.append(f"{e.self_device_time_total / per_step_ms:8.2f} ms {e.count // steps:6d}  {e.key} {e.input_shapes}"[:220])
     path.write_text("\n".join(lines) + "\n")
 
 

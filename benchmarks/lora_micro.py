@@ -96,7 +96,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
     defaults = dropout_products.DOWN_TILE, dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM
     for tile in ((32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (16, 128, 4, 4)):
         dropout_products.DOWN_TILE = tile
-        measure(f"down, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_down_projection(x, a, 0.05, 7))
+        measure(f"down, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_down_projection(x, a, 0.05, 7, 2.0))
 
     def two_pass() -> None:
         spread = grad_h @ a
@@ -113,7 +113,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
             dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = tile, per_sm
             measure(
                 f"backward, fused {tile} {per_sm}/SM {n}x{d_in}",
-                lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, 0.05),
+                lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, 0.05, 2.0),
             )
     # the later measurements (one LoRA linear) run with the library's own tiles
     dropout_products.DOWN_TILE, dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = defaults

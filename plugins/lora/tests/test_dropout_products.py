@@ -27,14 +27,15 @@ def mask_of(rows: int, cols: int, p: float, seed: int) -> torch.Tensor:
 
 
 @needs_triton
-@pytest.mark.parametrize(("rows", "cols", "rank", "p"), [(70, 96, 8, 0.3), (130, 200, 12, 0.5), (64, 128, 16, 0.05)])
-def test_down_projection_applies_the_dropout_kernels_mask(rows: int, cols: int, rank: int, p: float) -> None:
+@pytest.mark.parametrize(("rows", "cols", "rank", "p", "a_dtype"), [(70, 96, 8, 0.3, DTYPE), (130, 200, 12, 0.5, torch.float32), (64, 128, 16, 0.05, DTYPE)])
+def test_down_projection_applies_the_dropout_kernels_mask(rows: int, cols: int, rank: int, p: float, a_dtype: torch.dtype) -> None:
+    """``h = scaling * dropout(x) A^T``; float32 LoRA weights are read as they are and rounded in the kernel."""
     torch.manual_seed(0)
     x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
-    a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
-    h, keep = dropout_products.dropped_down_projection(x, a, p, seed=17)
+    a = torch.randn(rank, cols, device=DEVICE, dtype=a_dtype) * 0.1
+    h, keep = dropout_products.dropped_down_projection(x, a, p, seed=17, scaling=1.5)
     mask = mask_of(rows, cols, p, 17)
-    want = (x.double() * mask) @ a.double().T
+    want = 1.5 * (x.double() * mask) @ a.to(DTYPE).double().T
     assert h.shape == (rows, rank) and h.dtype == DTYPE
     assert relative_error(h, want) < 5e-3
     assert keep.shape == (rows, cols // 8) and keep.dtype == torch.uint8
@@ -47,32 +48,41 @@ def unpacked(keep: torch.Tensor) -> torch.Tensor:
 
 
 @needs_triton
-@pytest.mark.parametrize(("rows", "cols", "rank", "p"), [(70, 96, 8, 0.3), (300, 136, 16, 0.1)])
-def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(rows: int, cols: int, rank: int, p: float) -> None:
+@pytest.mark.parametrize(
+    ("rows", "cols", "rank", "p", "a_dtype", "input_grad"),
+    [(70, 96, 8, 0.3, DTYPE, True), (300, 136, 16, 0.1, torch.float32, True), (130, 200, 12, 0.5, torch.float32, False)],
+)
+def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(
+    rows: int, cols: int, rank: int, p: float, a_dtype: torch.dtype, input_grad: bool
+) -> None:
+    """Without an input gradient (the first adapted layer) the kernel gives ``A``'s gradient alone."""
     torch.manual_seed(1)
     x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
     grad_x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
     grad_h = torch.randn(rows, rank, device=DEVICE, dtype=DTYPE)
-    a = torch.randn(rank, cols, device=DEVICE, dtype=DTYPE) * 0.1
+    a = torch.randn(rank, cols, device=DEVICE, dtype=a_dtype) * 0.1
     mask = mask_of(rows, cols, p, 5)
     _, keep = dropout_products.dropped_down_projection(x, a, p, seed=5)  # backward reads the forward's packed mask
-    want_grad_x = grad_x.double() + mask * (grad_h.double() @ a.double())
-    grad_a = dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, p)
-    assert relative_error(grad_x, want_grad_x) < 5e-3, "grad_x is updated in place"
+    want_grad_x = grad_x.double() + 0.5 * mask * (grad_h.double() @ a.to(DTYPE).double())
+    grad_a = dropout_products.dropped_backward(x, grad_x if input_grad else None, grad_h, a, keep, p, scaling=0.5)
+    if input_grad:
+        assert relative_error(grad_x, want_grad_x) < 5e-3, "grad_x is updated in place"
     assert grad_a.dtype == torch.float32
-    assert relative_error(grad_a, grad_h.double().T @ (x.double() * mask)) < 5e-3
+    assert relative_error(grad_a, 0.5 * grad_h.double().T @ (x.double() * mask)) < 5e-3
 
 
 def test_applies_only_where_it_computes_the_same_function() -> None:
-    x = torch.randn(16, 64, dtype=torch.bfloat16)
-    assert not dropout_products.dropped_products_apply(x, 16), "CPU tensors take the two-pass path"
+    x, a = torch.randn(16, 64, dtype=torch.bfloat16), torch.randn(16, 64)
+    assert not dropout_products.dropped_products_apply(x, a), "CPU tensors take the two-pass path"
     if not torch.cuda.is_available() or launch.product_kernel("down_kernel") is None:
         return
-    x = x.cuda()
-    assert dropout_products.dropped_products_apply(x, 16)
-    assert not dropout_products.dropped_products_apply(x.float(), 16), "float32 would take TF32 products"
-    assert not dropout_products.dropped_products_apply(x[:, :60], 16), "not contiguous, nor a width of 8k"
-    assert not dropout_products.dropped_products_apply(x, 128), "ranks over 64"
+    x, a = x.cuda(), a.cuda()
+    assert dropout_products.dropped_products_apply(x, a) and dropout_products.dropped_products_apply(x, a.bfloat16())
+    assert not dropout_products.dropped_products_apply(x.float(), a), "float32 would take TF32 products"
+    assert not dropout_products.dropped_products_apply(x[:, :60], a[:, :60]), "not contiguous, nor a width of 8k"
+    assert not dropout_products.dropped_products_apply(x, a.T.contiguous().T), "A read as laid out"
+    assert not dropout_products.dropped_products_apply(x, a.half()), "A in float32 or x's dtype"
+    assert not dropout_products.dropped_products_apply(x, torch.randn(128, 64, device="cuda")), "ranks over 64"
 
 
 @needs_cuda

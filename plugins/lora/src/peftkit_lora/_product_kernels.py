@@ -42,7 +42,7 @@ def down_kernel(
     x, a, h, packed, M, K, R, threshold, scale, seed, salt,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROUNDS: tl.constexpr,
 ):
-    """``h = dropout(x) a^T``; the mask is also written packed, 8 elements per byte, for the backward kernel."""
+    """``h = scale * keep * x a^T`` (``a`` rounded to ``x``'s dtype); the mask is also written packed, 8 elements per byte, for the backward kernel."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rank = tl.arange(0, BLOCK_R)
     seed = seed + tl.load(salt)
@@ -59,21 +59,22 @@ def down_kernel(
         keep = kept(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
         dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
         a_tile = tl.load(a + rank[None, :] * K + cols[:, None], mask=(rank[None, :] < R) & (cols[:, None] < K), other=0.0)
-        acc = tl.dot(dropped, a_tile, acc)
+        acc = tl.dot(dropped, a_tile.to(x_tile.dtype), acc)
     tl.store(h + rows[:, None] * R + rank[None, :], acc.to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
 
 
 @triton.jit
 def backward_kernel(
     x, grad_x, grad_h, a, packed, partial, M, K, R, rows_per_chunk, scale,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_GRAD: tl.constexpr,
 ):
-    """``grad_x += dropout(grad_h a)`` in place and per-chunk partial sums of ``grad_h^T dropout(x)``, the mask read packed."""
+    """``grad_x += scale * keep * (grad_h a)`` in place (with ``INPUT_GRAD``) and per-chunk partial sums of
+    ``scale * grad_h^T (keep * x)``, the mask read packed, ``a`` rounded to ``x``'s dtype."""
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     byte_cols = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     chunk = tl.program_id(1)
     rank = tl.arange(0, BLOCK_R)
-    a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0)
+    a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0).to(x.dtype.element_ty)
     grad_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(chunk * rows_per_chunk, min(M, (chunk + 1) * rows_per_chunk), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -86,10 +87,11 @@ def backward_kernel(
         x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
         dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
         grad_a = tl.dot(tl.trans(gh), dropped, grad_a)
-        spread = tl.dot(gh, a_tile)  # (BLOCK_M, BLOCK_K): this tile of grad_h @ a
-        gx_ptrs = grad_x + rows[:, None] * K + cols[None, :]
-        gx = tl.load(gx_ptrs, mask=inside, other=0.0).to(tl.float32)
-        tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
+        if INPUT_GRAD:
+            spread = tl.dot(gh, a_tile)  # (BLOCK_M, BLOCK_K): this tile of grad_h @ a
+            gx_ptrs = grad_x + rows[:, None] * K + cols[None, :]
+            gx = tl.load(gx_ptrs, mask=inside, other=0.0).to(tl.float32)
+            tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
     tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
 
 

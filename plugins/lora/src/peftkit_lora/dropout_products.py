@@ -35,14 +35,18 @@ MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the 
 BACKWARD_PROGRAMS_PER_SM = 8  # backward programs per SM: the rows are split into chunks, each summing A's gradient over its rows
 
 
-def dropped_products_apply(x: torch.Tensor, rank: int) -> bool:
-    """Whether the fused products serve ``x``: CUDA, 16-bit (float32 would take TF32 products), 2-D, contiguous, width a multiple of 8."""
-    fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and rank <= MAX_RANK
-    return fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and product_kernel("down_kernel") is not None
+def dropped_products_apply(x: torch.Tensor, a: torch.Tensor) -> bool:
+    """Whether the fused products serve ``x`` and LoRA's ``a``: CUDA, ``x`` 16-bit (float32 would take TF32 products), 2-D, contiguous,
+    width a multiple of 8; ``a`` contiguous, in any floating dtype (the kernels round it to ``x``'s)."""
+    fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and a.is_contiguous() and a.shape[0] <= MAX_RANK
+    fits = fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and a.dtype in (torch.float32, x.dtype)
+    return fits and product_kernel("down_kernel") is not None
 
 
-def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dropout(x) @ a.T, packed mask)`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it.
+def dropped_down_projection(
+    x: torch.Tensor, a: torch.Tensor, p: float, seed: int, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scaling * dropout(x) @ a.T, packed mask)`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it.
 
     The packed mask is ``(M, K / 8)`` bytes, bit ``j`` of byte ``c`` keeping element ``8 c + j`` of its row.
     """
@@ -52,16 +56,17 @@ def dropped_down_projection(x: torch.Tensor, a: torch.Tensor, p: float, seed: in
     keep = torch.empty(m, k // 8, dtype=torch.uint8, device=x.device)
     block_m, block_k, warps, stages = DOWN_TILE
     _launch("down_kernel")(
-        (triton_blocks(m, block_m),), x, a, h, keep, m, k, r, _threshold(p), 1.0 / (1.0 - p), seed, seed_salt(x.device),
+        (triton_blocks(m, block_m),), x, a, h, keep, m, k, r, _threshold(p), scaling / (1.0 - p), seed, seed_salt(x.device),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), ROUNDS=PHILOX_ROUNDS, num_warps=warps, num_stages=stages,
     )
     return h, keep
 
 
 def dropped_backward(
-    x: torch.Tensor, grad_x: torch.Tensor, grad_h: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, p: float
+    x: torch.Tensor, grad_x: torch.Tensor | None, grad_h: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, p: float, scaling: float = 1.0
 ) -> torch.Tensor:
-    """Adds ``dropout(grad_h @ a)`` to ``grad_x`` in place and returns ``grad_h.T @ dropout(x)`` in float32.
+    """Adds ``scaling * dropout(grad_h @ a)`` to ``grad_x`` in place (unless it is ``None``) and returns
+    ``scaling * grad_h.T @ dropout(x)`` in float32: the backward of :func:`dropped_down_projection`.
 
     ``x`` and ``grad_x`` are ``(M, K)`` and contiguous, ``grad_h`` is
     ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is the packed mask
@@ -76,8 +81,8 @@ def dropped_backward(
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
     _launch("backward_kernel")(
-        (column_blocks, chunks), x, grad_x, grad_h, a, keep, partial, m, k, r, rows_per_chunk, 1.0 / (1.0 - p),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), num_warps=warps, num_stages=stages,
+        (column_blocks, chunks), x, x if grad_x is None else grad_x, grad_h, a, keep, partial, m, k, r, rows_per_chunk, scaling / (1.0 - p),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), INPUT_GRAD=grad_x is not None, num_warps=warps, num_stages=stages,
     )
     return partial.sum(0)
 

@@ -14,13 +14,17 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
   for the input gradient rather than kept;
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
   low-rank product is written first and the base matmul accumulates onto it
-  (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM), with
-  the scale folded into ``B`` (one small kernel that also casts it); backward
-  does the same for the input gradient;
+  (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM);
+  backward does the same for the input gradient;
+- few kernels per call, as a training step on a fast GPU waits on their
+  launches: the scale rides on ``h`` (applied in the fused products' kernels,
+  or folded into the cast of ``A``), so ``B``'s gradient needs no scaling
+  pass; the fused kernels read float32 ``A`` as it is, and a float32
+  gradient of ``B`` is written by its GEMM, with no cast pass;
 - backward stores only ``x`` (which q/k/v share), the ``(N, r)`` product ``h``
   and, with the fused dropout, its bit mask;
-- on a CPU the rank-``r`` products (``h``, its gradient and ``B``'s) are
-  computed transposed, rank first, as :func:`_rank_product` says.
+- on a CPU the rank-``r`` products are computed with the rank as the
+  output's rows, as :func:`_rank_product` says.
 
 It computes the same function as the plain path (dropout on the LoRA input,
 kept values scaled by ``1 / (1 - p)``), which the tests check against a
@@ -31,7 +35,7 @@ A base weight that is stored packed (QLoRA's 4-bit layers) comes in as a
 a time: it is rebuilt in forward and again in backward and never kept whole,
 each slice dropped once its rows of the product are done. LoRA
 weights in another dtype than ``x`` (float32 master weights over a bf16
-model) are cast inside, and their gradients come back in their own dtype.
+model) are read or cast inside, and their gradients come back in their own dtype.
 """
 
 from __future__ import annotations
@@ -60,15 +64,22 @@ def lora_forward(
     seed: int,
     weight_slices: WeightSlices | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The fused forward: ``(out, a, b, h, keep)``; ``a``, ``b`` (LoRA weights cast, ``b`` scaled), ``h`` and the packed mask ``keep``
-    (where the dropout was drawn inside the products) are what backward needs."""
+    """The fused forward: ``(out, a, b, h, keep)``; ``a``, ``b`` (LoRA weights as the products take them), ``h`` and the packed
+    mask ``keep`` (where the dropout was drawn inside the products) are what backward needs.
+
+    The scale rides on ``h = scaling * dropout(x) A^T``: ``out = h B^T + x W^T + bias``. The fused products
+    apply it in the kernel and read ``A`` in its own dtype (``a`` is ``lora_a``); elsewhere ``a`` is
+    ``scaling * A`` in ``x``'s dtype. ``b`` is ``B`` in ``x``'s dtype, so ``B``'s gradient ``g^T h`` needs no
+    scaling.
+    """
     flat_x = x.reshape(-1, x.shape[-1])
-    a = _as(lora_a, x.dtype)
-    b = _scaled(lora_b, scaling, x.dtype)
+    b = _as(lora_b, x.dtype)
     keep = None
-    if dropout_p > 0 and dropped_products_apply(flat_x, a.shape[0]):
-        h, keep = dropped_down_projection(flat_x, a, dropout_p, seed)  # the mask drawn inside: no dropped copy of x
+    if dropout_p > 0 and dropped_products_apply(flat_x, lora_a):
+        a = lora_a
+        h, keep = dropped_down_projection(flat_x, a, dropout_p, seed, scaling)  # the mask drawn inside: no dropped copy of x
     else:
+        a = _scaled(lora_a, scaling, x.dtype)
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         h = _rank_product(lora_in, a.T)
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
@@ -105,28 +116,28 @@ def lora_backward(
     """The fused backward from :func:`lora_forward`'s saved values: ``(grad_x or None, grad_lora_a, grad_lora_b)``."""
     flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
     flat_x = x.reshape(-1, x.shape[-1])
-    grad_h = _rank_product(flat_grad, b)  # (N, r); b carries the scale
-    grad_b = _scaled(_rank_product(flat_grad.T, h), scaling, lora_dtypes[1])
+    grad_h = _rank_product(flat_grad, b)  # (N, r): the gradient of h, which carries the scale
+    grad_b = _lora_grad(flat_grad.T, h, lora_dtypes[1])
+    if keep is not None:
+        # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
+        base_grad = _base_input_grad(flat_grad, weight, weight_slices) if input_grad else None
+        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, keep, dropout_p, scaling)
+        return None if base_grad is None else base_grad.view_as(x), _as(grad_a, lora_dtypes[0]), grad_b
     if input_grad and _merges_in_training(flat_x, weight, dropout_p):
         assert weight is not None
         grad_x = flat_grad @ merged_weight(weight, b, a)  # the forward's merged copy, built again rather than kept
-        return grad_x.view_as(x), (grad_h.T @ flat_x).to(lora_dtypes[0]), grad_b
-    if input_grad and keep is not None:
-        # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
-        base_grad = _base_input_grad(flat_grad, weight, weight_slices)
-        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, keep, dropout_p)
-        return base_grad.view_as(x), grad_a.to(lora_dtypes[0]), grad_b
-    grad_x = grad_h @ a if input_grad else None
+        return grad_x.view_as(x), _lora_grad(grad_h.T, flat_x, lora_dtypes[0], scaling), grad_b
+    grad_x = grad_h @ a if input_grad else None  # a carries the scale here
     lora_in = flat_x
     if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
         lora_in, grad_x = seeded_dropout_pair(flat_x, grad_x, dropout_p, seed)
     elif dropout_p > 0:
         lora_in = seeded_dropout(flat_x, dropout_p, seed)
-    grad_a = grad_h.T @ lora_in
+    grad_a = _lora_grad(grad_h.T, lora_in, lora_dtypes[0], scaling)
     del lora_in
     if grad_x is not None:
         grad_x = _base_input_grad(flat_grad, weight, weight_slices, onto=grad_x).view_as(x)
-    return grad_x, grad_a.to(lora_dtypes[0]), grad_b
+    return grad_x, grad_a, grad_b
 
 
 def _base_input_grad(
@@ -182,14 +193,26 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 def _rank_product(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``m @ n`` for a product with a rank-``r`` side; on a CPU as ``(n^T m^T)^T``, the short side as the output's rows.
+    """``m @ n`` for a product with a rank-``r`` side; on a CPU the short side as the output's rows (as ``(n^T m^T)^T`` where ``n`` has it).
 
     The same GEMM, but a CPU BLAS (oneDNN/MKL) runs it about twice as fast that
     way round (``g @ B``: 420 us against 220 us for a 1024 x 688 float32
     gradient and r = 8 on two cores), while cuBLAS runs the transposed form far
     slower (an H100 LoRA forward went from 1.17x to 1.67x the base).
     """
-    return m @ n if m.is_cuda else (n.T @ m.T).T
+    return m @ n if m.is_cuda or m.shape[0] <= n.shape[1] else (n.T @ m.T).T
+
+
+_GEMM_WRITES_FLOAT32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (CUDA, torch 2.8 and later)
+
+
+def _lora_grad(m: torch.Tensor, n: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (m @ n)`` in ``dtype``, a LoRA weight's gradient: on CUDA a 16-bit product for float32
+    weights is written in float32 by the GEMM itself, not rounded to 16 bits and cast in a second kernel."""
+    if m.is_cuda and dtype == torch.float32 and m.dtype in _HALF and _GEMM_WRITES_FLOAT32:
+        product = torch.mm(m, n, out_dtype=torch.float32)
+        return product if scale == 1.0 else product.mul_(scale)
+    return _scaled(_rank_product(m, n), scale, dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -244,6 +267,7 @@ def _merging_moves_less(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 _FULL_PRECISION = (torch.float32, torch.float64)
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def _merges_in_training(flat_x: torch.Tensor, weight: torch.Tensor | None, dropout_p: float) -> bool:
@@ -285,7 +309,7 @@ def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tor
     """``weight + b @ a`` as a new tensor: on CUDA in 16 bits one Triton pass (cuBLAS runs this rank-``r`` GEMM at a third of the memory rate)."""
     launch = product_kernel("merge_kernel")
     rank = b.shape[1]
-    if launch is None or not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16) or rank > MAX_RANK:
+    if launch is None or not weight.is_cuda or weight.dtype not in _HALF or rank > MAX_RANK:
         return torch.addmm(weight, b, a)
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
