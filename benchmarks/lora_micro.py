@@ -108,7 +108,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
     measure(f"backward, no dropout: grad_h a, grad_h^T x {n}x{d_in}", lambda: (grad_h @ a, grad_h.T @ x))
     dropout_products.DOWN_TILE = defaults[0]
     _, keep = dropout_products.dropped_down_projection(x, a, 0.05, 7)
-    for tile in ((64, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 4), (64, 128, 8, 3)):
+    for tile in ((32, 64, 4, 3), (16, 64, 2, 3), (64, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 3)):
         for per_sm in (2, 4, 8, 16):
             dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = tile, per_sm
             measure(

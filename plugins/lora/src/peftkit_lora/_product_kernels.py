@@ -64,34 +64,51 @@ def down_kernel(
 
 
 @triton.jit
+def backward_tiles(x, grad_x, grad_h, packed, rows, cols, byte_cols, rank, end, K, R, INPUT_GRAD: tl.constexpr):
+    """The backward kernel's loads for one block of rows (those at or past ``end`` masked off): packed mask, ``grad_h``, ``x``, ``grad_x``."""
+    inside = (rows[:, None] < end) & (cols[None, :] < K)
+    packed_tile = tl.load(packed + rows[:, None] * (K // 8) + byte_cols[None, :], mask=(rows[:, None] < end) & (byte_cols[None, :] < K // 8), other=0)
+    gh = tl.load(grad_h + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < end) & (rank[None, :] < R), other=0.0)
+    x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    if INPUT_GRAD:
+        gx = tl.load(grad_x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    else:
+        gx = tl.zeros_like(x_tile)
+    return packed_tile, gh, x_tile, gx
+
+
+@triton.jit
 def backward_kernel(
     x, grad_x, grad_h, a, packed, partial, M, K, R, rows_per_chunk, scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_GRAD: tl.constexpr,
 ):
     """``grad_x += scale * keep * (grad_h a)`` in place (with ``INPUT_GRAD``) and per-chunk partial sums of
-    ``scale * grad_h^T (keep * x)``, the mask read packed, ``a`` rounded to ``x``'s dtype."""
+    ``scale * grad_h^T (keep * x)``, the mask read packed, ``a`` rounded to ``x``'s dtype.
+
+    Each block of rows is loaded one iteration ahead, so its loads are in flight while the block before it computes
+    (Triton's pipeliner leaves this loop, with its stores, alone).
+    """
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     byte_cols = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
     chunk = tl.program_id(1)
     rank = tl.arange(0, BLOCK_R)
     a_tile = tl.load(a + rank[:, None] * K + cols[None, :], mask=(rank[:, None] < R) & (cols[None, :] < K), other=0.0).to(x.dtype.element_ty)
     grad_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-    for m0 in range(chunk * rows_per_chunk, min(M, (chunk + 1) * rows_per_chunk), BLOCK_M):
+    first = chunk * rows_per_chunk
+    end = min(M, first + rows_per_chunk)
+    packed_tile, gh, x_tile, gx = backward_tiles(x, grad_x, grad_h, packed, first + tl.arange(0, BLOCK_M), cols, byte_cols, rank, end, K, R, INPUT_GRAD)
+    for m0 in range(first, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        inside = (rows[:, None] < M) & (cols[None, :] < K)
-        packed_tile = tl.load(
-            packed + rows[:, None] * (K // 8) + byte_cols[None, :], mask=(rows[:, None] < M) & (byte_cols[None, :] < K // 8), other=0
-        )
+        next_tiles = backward_tiles(x, grad_x, grad_h, packed, rows + BLOCK_M, cols, byte_cols, rank, end, K, R, INPUT_GRAD)
         keep = unpack_kept(packed_tile, BLOCK_M, BLOCK_K)
-        gh = tl.load(grad_h + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < M) & (rank[None, :] < R), other=0.0)
-        x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
         dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
         grad_a = tl.dot(tl.trans(gh), dropped, grad_a)
         if INPUT_GRAD:
             spread = tl.dot(gh, a_tile)  # (BLOCK_M, BLOCK_K): this tile of grad_h @ a
-            gx_ptrs = grad_x + rows[:, None] * K + cols[None, :]
-            gx = tl.load(gx_ptrs, mask=inside, other=0.0).to(tl.float32)
-            tl.store(gx_ptrs, (gx + tl.where(keep, spread * scale, 0.0)).to(grad_x.dtype.element_ty), mask=inside)
+            summed = gx.to(tl.float32) + tl.where(keep, spread * scale, 0.0)
+            inside = (rows[:, None] < end) & (cols[None, :] < K)
+            tl.store(grad_x + rows[:, None] * K + cols[None, :], summed.to(grad_x.dtype.element_ty), mask=inside)
+        packed_tile, gh, x_tile, gx = next_tiles
     tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
 
 

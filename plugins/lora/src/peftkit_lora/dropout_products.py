@@ -30,9 +30,9 @@ from peftkit_lora.launch import CachedLaunch, product_kernel, rank_block, triton
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
 DOWN_TILE = (16, 128, 4, 4)
-BACKWARD_TILE = (64, 64, 4, 3)
+BACKWARD_TILE = (32, 64, 4, 3)
 MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the unfused path serves them
-BACKWARD_PROGRAMS_PER_SM = 8  # backward programs per SM: the rows are split into chunks, each summing A's gradient over its rows
+BACKWARD_PROGRAMS_PER_SM = 4  # backward programs per SM: the rows are split into chunks, each summing A's gradient over its rows
 
 
 def dropped_products_apply(x: torch.Tensor, a: torch.Tensor) -> bool:
