@@ -120,3 +120,29 @@ def test_merge_kernel_adds_the_low_rank_product_to_either_weight_layout(transpos
     merged = kernels.merged_weight(weight, b, a)
     assert merged.is_contiguous() and merged.dtype == torch.bfloat16
     assert relative_error(merged, weight.double() + b.double() @ a.double()) < 4e-3
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_float32_lora_weights_over_a_bf16_model(device: str, p: float) -> None:
+    """Float32 LoRA (master) weights over bf16 activations: a bf16 output, float32 gradients, all within bf16 rounding
+    of float64. On CUDA the fused kernels read ``A`` in float32 (with dropout) and float32 gradients come from their GEMMs."""
+    torch.manual_seed(4)
+    seed, scaling = 11, 2.0
+    x = torch.randn(2, 64, 128, device=device, dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(96, 128, device=device) * 0.05).bfloat16()
+    a = (torch.randn(16, 128, device=device) * 0.05).requires_grad_(True)
+    b = (torch.randn(96, 16, device=device) * 0.05).requires_grad_(True)
+    out = LoraLinearFunction.apply(x, w, None, a, b, scaling, p, seed)
+    grads = torch.autograd.grad(out.float().pow(2).mean(), [x, a, b])
+    assert out.dtype == grads[0].dtype == torch.bfloat16 and grads[1].dtype == grads[2].dtype == torch.float32
+    kept = torch.ones(128, 128, dtype=torch.bool, device=device)
+    if p > 0:  # the mask the path drew: the Triton kernel's on CUDA, torch's generator on the CPU
+        drawn = mask_of(128, 128, p, seed) if device == "cuda" else dropout.seeded_dropout(torch.ones(128, 128, dtype=torch.bfloat16), p, seed)
+        kept = drawn != 0
+    mask = (kept.double() / (1 - p)).view(2, 64, 128)
+    x64, a64, b64 = (t.detach().double().requires_grad_(True) for t in (x, a, b))
+    want = x64 @ w.double().T + scaling * ((x64 * mask) @ a64.T) @ b64.T
+    want_grads = torch.autograd.grad(want.pow(2).mean(), [x64, a64, b64])
+    for got, expected in zip([out, *grads], [want, *want_grads]):
+        assert relative_error(got, expected.detach()) < 1e-2
