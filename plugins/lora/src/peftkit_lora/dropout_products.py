@@ -31,6 +31,7 @@ from peftkit_lora.launch import CachedLaunch, product_kernel, rank_block, triton
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
 DOWN_TILE = (16, 128, 4, 4)
 BACKWARD_TILE = (32, 64, 4, 3)
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the 16-bit inputs the kernels serve (float32 would take TF32 products)
 MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the unfused path serves them
 BACKWARD_PROGRAMS_PER_SM = 4  # backward programs per SM: the rows are split into chunks, each summing A's gradient over its rows
 
@@ -39,7 +40,7 @@ def dropped_products_apply(x: torch.Tensor, a: torch.Tensor) -> bool:
     """Whether the fused products serve ``x`` and LoRA's ``a``: CUDA, ``x`` 16-bit (float32 would take TF32 products), 2-D, contiguous,
     width a multiple of 8; ``a`` contiguous, in any floating dtype (the kernels round it to ``x``'s)."""
     fits = x.dim() == 2 and x.is_contiguous() and x.shape[1] % 8 == 0 and a.is_contiguous() and a.shape[0] <= MAX_RANK
-    fits = fits and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and a.dtype in (torch.float32, x.dtype)
+    fits = fits and x.is_cuda and x.dtype in HALF_DTYPES and a.dtype in (torch.float32, x.dtype)
     return fits and product_kernel("down_kernel") is not None
 
 
@@ -80,7 +81,7 @@ def dropped_backward(
     rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
-    _launch("backward_kernel")(
+    _launch("backward_kernel")(  # without an input gradient, x stands in for its pointer: INPUT_GRAD=False never touches it
         (column_blocks, chunks), x, x if grad_x is None else grad_x, grad_h, a, keep, partial, m, k, r, rows_per_chunk, scaling / (1.0 - p),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), INPUT_GRAD=grad_x is not None, num_warps=warps, num_stages=stages,
     )

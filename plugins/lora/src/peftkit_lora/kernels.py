@@ -46,7 +46,13 @@ from typing import Any
 import torch
 
 from peftkit_lora.dropout import draw_seed, seeded_dropout, seeded_dropout_pair
-from peftkit_lora.dropout_products import MAX_RANK, dropped_backward, dropped_down_projection, dropped_products_apply
+from peftkit_lora.dropout_products import (
+    HALF_DTYPES,
+    MAX_RANK,
+    dropped_backward,
+    dropped_down_projection,
+    dropped_products_apply,
+)
 from peftkit_lora.launch import product_kernel, rank_block, triton_blocks
 
 # Row slices ``(rows, dense)`` of a packed base weight, built one at a time as the iterable is advanced.
@@ -209,7 +215,7 @@ _GEMM_WRITES_FLOAT32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(...,
 def _lora_grad(m: torch.Tensor, n: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """``scale * (m @ n)`` in ``dtype``, a LoRA weight's gradient: on CUDA a 16-bit product for float32
     weights is written in float32 by the GEMM itself, not rounded to 16 bits and cast in a second kernel."""
-    if m.is_cuda and dtype == torch.float32 and m.dtype in _HALF and _GEMM_WRITES_FLOAT32:
+    if m.is_cuda and dtype == torch.float32 and m.dtype in HALF_DTYPES and _GEMM_WRITES_FLOAT32:
         product = torch.mm(m, n, out_dtype=torch.float32)
         return product if scale == 1.0 else product.mul_(scale)
     return _scaled(_rank_product(m, n), scale, dtype)
@@ -270,7 +276,6 @@ def _merging_moves_less(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 _FULL_PRECISION = (torch.float32, torch.float64)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def _merges_in_training(flat_x: torch.Tensor, weight: torch.Tensor | None, dropout_p: float) -> bool:
@@ -312,7 +317,7 @@ def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tor
     """``weight + b @ a`` as a new tensor: on CUDA in 16 bits one Triton pass (cuBLAS runs this rank-``r`` GEMM at a third of the memory rate)."""
     launch = product_kernel("merge_kernel")
     rank = b.shape[1]
-    if launch is None or not weight.is_cuda or weight.dtype not in _HALF or rank > MAX_RANK:
+    if launch is None or not weight.is_cuda or weight.dtype not in HALF_DTYPES or rank > MAX_RANK:
         return torch.addmm(weight, b, a)
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
