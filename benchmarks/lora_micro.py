@@ -94,7 +94,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
     measure(f"down, dropout pass + mm {n}x{d_in}", lambda: seeded_dropout(x, 0.05, 7) @ a.T)
     measure(f"down, no dropout (mm) {n}x{d_in}", lambda: x @ a.T)
     defaults = dropout_products.DOWN_TILE, dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM
-    for tile in ((32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (16, 128, 4, 4)):
+    for tile in ((16, 64, 4, 3), (16, 128, 4, 4), (16, 128, 2, 4), (16, 256, 4, 4), (16, 256, 8, 4), (32, 64, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4)):
         dropout_products.DOWN_TILE = tile
         measure(f"down, fused {tile} {n}x{d_in}", lambda: dropout_products.dropped_down_projection(x, a, 0.05, 7, 2.0))
 
@@ -113,7 +113,7 @@ def dropout_products_shape(n: int, d_in: int) -> None:
             dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = tile, per_sm
             measure(
                 f"backward, fused {tile} {per_sm}/SM {n}x{d_in}",
-                lambda: dropout_products.dropped_backward(x, grad_x, grad_h, a, keep, 0.05, 2.0),
+                lambda: dropout_products.dropped_backward(x, grad_h, a, keep, 0.05, 2.0),
             )
     # the later measurements (one LoRA linear) run with the library's own tiles
     dropout_products.DOWN_TILE, dropout_products.BACKWARD_TILE, dropout_products.BACKWARD_PROGRAMS_PER_SM = defaults

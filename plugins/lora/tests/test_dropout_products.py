@@ -50,24 +50,26 @@ def unpacked(keep: torch.Tensor) -> torch.Tensor:
 @needs_triton
 @pytest.mark.parametrize(
     ("rows", "cols", "rank", "p", "a_dtype", "input_grad"),
-    [(70, 96, 8, 0.3, DTYPE, True), (300, 136, 16, 0.1, torch.float32, True), (130, 200, 12, 0.5, torch.float32, False)],
+    [(70, 96, 8, 0.3, DTYPE, True), (300, 136, 16, 0.1, torch.float32, True), (130, 200, 12, 0.5, torch.float32, False), (2000, 64, 16, 0.1, DTYPE, True)],
 )
-def test_backward_adds_the_masked_input_gradient_and_gives_a_gradient_of_a(
+def test_backward_gives_the_masked_input_gradient_term_and_a_gradient_of_a(
     rows: int, cols: int, rank: int, p: float, a_dtype: torch.dtype, input_grad: bool
 ) -> None:
-    """Without an input gradient (the first adapted layer) the kernel gives ``A``'s gradient alone."""
+    """Without an input gradient (the first adapted layer) the kernel gives ``A``'s gradient alone; it is summed over
+    the chunks of rows in float32 and written in ``A``'s dtype."""
     torch.manual_seed(1)
     x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
-    grad_x = torch.randn(rows, cols, device=DEVICE, dtype=DTYPE)
     grad_h = torch.randn(rows, rank, device=DEVICE, dtype=DTYPE)
     a = torch.randn(rank, cols, device=DEVICE, dtype=a_dtype) * 0.1
     mask = mask_of(rows, cols, p, 5)
     _, keep = dropout_products.dropped_down_projection(x, a, p, seed=5)  # backward reads the forward's packed mask
-    want_grad_x = grad_x.double() + 0.5 * mask * (grad_h.double() @ a.to(DTYPE).double())
-    grad_a = dropout_products.dropped_backward(x, grad_x if input_grad else None, grad_h, a, keep, p, scaling=0.5)
+    spread, grad_a = dropout_products.dropped_backward(x, grad_h, a, keep, p, scaling=0.5, grad_a_dtype=a_dtype, input_grad=input_grad)
     if input_grad:
-        assert relative_error(grad_x, want_grad_x) < 5e-3, "grad_x is updated in place"
-    assert grad_a.dtype == torch.float32
+        assert spread is not None and spread.dtype == DTYPE
+        assert relative_error(spread, 0.5 * mask * (grad_h.double() @ a.to(DTYPE).double())) < 5e-3
+    else:
+        assert spread is None
+    assert grad_a.dtype == a_dtype
     assert relative_error(grad_a, 0.5 * grad_h.double().T @ (x.double() * mask)) < 5e-3
 
 

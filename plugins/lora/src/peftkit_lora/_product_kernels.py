@@ -42,7 +42,7 @@ def down_kernel(
     x, a, h, packed, M, K, R, threshold, scale, seed, salt,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROUNDS: tl.constexpr,
 ):
-    """``h = scale * keep * x a^T`` (``a`` rounded to ``x``'s dtype); the mask is also written packed, 8 elements per byte, for the backward kernel."""
+    """``h = scale * keep * x a^T`` (``a`` rounded to ``x``'s dtype, the scale applied once to the float32 sum); the mask is also written packed, 8 elements per byte, for the backward kernel."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rank = tl.arange(0, BLOCK_R)
     seed = seed + tl.load(salt)
@@ -57,36 +57,33 @@ def down_kernel(
             mask=(rows[:, None] < M) & (byte_cols[None, :] < K // 8),
         )
         keep = kept(r0, r1, r2, r3, threshold, BLOCK_M, BLOCK_K)
-        dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
+        dropped = tl.where(keep, x_tile, tl.zeros_like(x_tile))
         a_tile = tl.load(a + rank[None, :] * K + cols[:, None], mask=(rank[None, :] < R) & (cols[:, None] < K), other=0.0)
         acc = tl.dot(dropped, a_tile.to(x_tile.dtype), acc)
-    tl.store(h + rows[:, None] * R + rank[None, :], acc.to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
+    tl.store(h + rows[:, None] * R + rank[None, :], (acc * scale).to(h.dtype.element_ty), mask=(rows[:, None] < M) & (rank[None, :] < R))
 
 
 @triton.jit
-def backward_tiles(x, grad_x, grad_h, packed, rows, cols, byte_cols, rank, end, K, R, INPUT_GRAD: tl.constexpr):
-    """The backward kernel's loads for one block of rows (those at or past ``end`` masked off): packed mask, ``grad_h``, ``x``, ``grad_x``."""
-    inside = (rows[:, None] < end) & (cols[None, :] < K)
+def backward_tiles(x, grad_h, packed, rows, cols, byte_cols, rank, end, K, R):
+    """The backward kernel's loads for one block of rows (those at or past ``end`` masked off): packed mask, ``grad_h``, ``x``."""
     packed_tile = tl.load(packed + rows[:, None] * (K // 8) + byte_cols[None, :], mask=(rows[:, None] < end) & (byte_cols[None, :] < K // 8), other=0)
     gh = tl.load(grad_h + rows[:, None] * R + rank[None, :], mask=(rows[:, None] < end) & (rank[None, :] < R), other=0.0)
-    x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
-    if INPUT_GRAD:
-        gx = tl.load(grad_x + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
-    else:
-        gx = tl.zeros_like(x_tile)
-    return packed_tile, gh, x_tile, gx
+    x_tile = tl.load(x + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < end) & (cols[None, :] < K), other=0.0)
+    return packed_tile, gh, x_tile
 
 
 @triton.jit
 def backward_kernel(
-    x, grad_x, grad_h, a, packed, partial, M, K, R, rows_per_chunk, scale,
+    x, spread_out, grad_h, a, packed, partial, arrivals, grad_a_out, M, K, R, rows_per_chunk, scale,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, INPUT_GRAD: tl.constexpr,
 ):
-    """``grad_x += scale * keep * (grad_h a)`` in place (with ``INPUT_GRAD``) and per-chunk partial sums of
-    ``scale * grad_h^T (keep * x)``, the mask read packed, ``a`` rounded to ``x``'s dtype.
+    """``spread_out = scale * keep * (grad_h a)`` (with ``INPUT_GRAD``) and ``grad_a_out = scale * grad_h^T (keep * x)``,
+    the mask read packed, ``a`` rounded to ``x``'s dtype.
 
-    Each block of rows is loaded one iteration ahead, so its loads are in flight while the block before it computes
-    (Triton's pipeliner leaves this loop, with its stores, alone).
+    Each program sums one chunk of rows for one block of columns into ``partial``; the last of a column block's
+    programs to finish (counted in ``arrivals``, zeroed) adds up the chunks in a fixed order, so the result is
+    deterministic and no separate reduction kernel runs. Each block of rows is loaded one iteration ahead, so its
+    loads are in flight while the block before it computes (Triton's pipeliner leaves this loop, with its stores, alone).
     """
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     byte_cols = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
@@ -96,20 +93,29 @@ def backward_kernel(
     grad_a = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     first = chunk * rows_per_chunk
     end = min(M, first + rows_per_chunk)
-    packed_tile, gh, x_tile, gx = backward_tiles(x, grad_x, grad_h, packed, first + tl.arange(0, BLOCK_M), cols, byte_cols, rank, end, K, R, INPUT_GRAD)
+    packed_tile, gh, x_tile = backward_tiles(x, grad_h, packed, first + tl.arange(0, BLOCK_M), cols, byte_cols, rank, end, K, R)
     for m0 in range(first, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        next_tiles = backward_tiles(x, grad_x, grad_h, packed, rows + BLOCK_M, cols, byte_cols, rank, end, K, R, INPUT_GRAD)
+        next_tiles = backward_tiles(x, grad_h, packed, rows + BLOCK_M, cols, byte_cols, rank, end, K, R)
         keep = unpack_kept(packed_tile, BLOCK_M, BLOCK_K)
-        dropped = tl.where(keep, x_tile.to(tl.float32) * scale, 0.0).to(x_tile.dtype)
-        grad_a = tl.dot(tl.trans(gh), dropped, grad_a)
+        grad_a = tl.dot(tl.trans(gh), tl.where(keep, x_tile, tl.zeros_like(x_tile)), grad_a)
         if INPUT_GRAD:
             spread = tl.dot(gh, a_tile)  # (BLOCK_M, BLOCK_K): this tile of grad_h @ a
-            summed = gx.to(tl.float32) + tl.where(keep, spread * scale, 0.0)
             inside = (rows[:, None] < end) & (cols[None, :] < K)
-            tl.store(grad_x + rows[:, None] * K + cols[None, :], summed.to(grad_x.dtype.element_ty), mask=inside)
-        packed_tile, gh, x_tile, gx = next_tiles
-    tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a, mask=(rank[:, None] < R) & (cols[None, :] < K))
+            tl.store(spread_out + rows[:, None] * K + cols[None, :], tl.where(keep, spread * scale, 0.0).to(spread_out.dtype.element_ty), mask=inside)
+        packed_tile, gh, x_tile = next_tiles
+    in_a = (rank[:, None] < R) & (cols[None, :] < K)
+    tl.store(partial + chunk * R * K + rank[:, None] * K + cols[None, :], grad_a * scale, mask=in_a)
+    tl.debug_barrier()  # all of this program's partial is written before it counts itself in
+    chunks = tl.num_programs(1)
+    if tl.atomic_add(arrivals + tl.program_id(0), 1, sem="acq_rel") == chunks - 1:
+        total = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+        for first_chunk in range(0, chunks, 4):  # four independent loads in flight; ".cg" reads through L2, where the others wrote
+            for other in tl.static_range(4):
+                chunk_index = first_chunk + other + 0 * rank[:, None]  # the chunk, as a tensor the mask can broadcast
+                chunk_a = partial + chunk_index * R * K + rank[:, None] * K + cols[None, :]
+                total += tl.load(chunk_a, mask=in_a & (chunk_index < chunks), other=0.0, cache_modifier=".cg")
+        tl.store(grad_a_out + rank[:, None] * K + cols[None, :], total.to(grad_a_out.dtype.element_ty), mask=in_a)
 
 
 @triton.jit

@@ -8,9 +8,10 @@ each adapted layer's input. Here, on CUDA:
 - :func:`dropped_down_projection`: ``h = dropout(x) A^T``, one read of ``x``;
   it also writes the mask packed, one bit per element (1/16 of a 16-bit
   ``x``'s bytes), for backward;
-- :func:`dropped_backward`: one read of ``x``, of the packed mask and one read
-  and write of the input gradient give both ``grad_x += dropout(grad_h A)``
-  and ``grad_A = grad_h^T dropout(x)``.
+- :func:`dropped_backward`: one read of ``x`` and of the packed mask give both
+  the input gradient's low-rank term ``dropout(grad_h A)``, written for the
+  base layer's input-gradient GEMM to accumulate onto (beta = 1, a read that
+  costs the compute-bound GEMM little), and ``grad_A = grad_h^T dropout(x)``.
 
 The masks are :mod:`peftkit_lora.dropout`'s (Philox keyed by seed plus the
 device's salt and the element's row-major index, 16 bits per element, 8
@@ -29,7 +30,7 @@ from peftkit_lora.dropout import PHILOX_ROUNDS, seed_salt
 from peftkit_lora.launch import CachedLaunch, product_kernel, rank_block, triton_blocks
 
 # (BLOCK_M, BLOCK_K, num_warps, num_stages) of each kernel
-DOWN_TILE = (16, 128, 4, 4)
+DOWN_TILE = (16, 64, 4, 3)
 BACKWARD_TILE = (32, 64, 4, 3)
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the 16-bit inputs the kernels serve (float32 would take TF32 products)
 MAX_RANK = 64  # wider low-rank tiles would not fit the kernels' registers; the unfused path serves them
@@ -64,13 +65,21 @@ def dropped_down_projection(
 
 
 def dropped_backward(
-    x: torch.Tensor, grad_x: torch.Tensor | None, grad_h: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, p: float, scaling: float = 1.0
-) -> torch.Tensor:
-    """Adds ``scaling * dropout(grad_h @ a)`` to ``grad_x`` in place (unless it is ``None``) and returns
-    ``scaling * grad_h.T @ dropout(x)`` in float32: the backward of :func:`dropped_down_projection`.
+    x: torch.Tensor,
+    grad_h: torch.Tensor,
+    a: torch.Tensor,
+    keep: torch.Tensor,
+    p: float,
+    scaling: float = 1.0,
+    grad_a_dtype: torch.dtype = torch.float32,
+    input_grad: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(scaling * dropout(grad_h @ a), scaling * grad_h.T @ dropout(x))``, the backward of :func:`dropped_down_projection`:
+    the low-rank term of the input gradient in ``x``'s dtype (``None`` without ``input_grad``), onto which the
+    caller accumulates the base layer's (a GEMM with beta = 1), and ``A``'s gradient summed in float32 and written
+    in ``grad_a_dtype``.
 
-    ``x`` and ``grad_x`` are ``(M, K)`` and contiguous, ``grad_h`` is
-    ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is the packed mask
+    ``x`` is ``(M, K)`` and contiguous, ``grad_h`` is ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is the packed mask
     :func:`dropped_down_projection` gave.
     """
     m, k = x.shape
@@ -80,12 +89,16 @@ def dropped_backward(
     chunks = max(1, min(triton_blocks(m, block_m), BACKWARD_PROGRAMS_PER_SM * _multiprocessors(x.device) // column_blocks))
     rows_per_chunk = triton_blocks(triton_blocks(m, chunks), block_m) * block_m
     chunks = triton_blocks(m, rows_per_chunk)
+    spread = torch.empty_like(x) if input_grad else None
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
+    arrivals = torch.zeros(column_blocks, dtype=torch.int32, device=x.device)
+    grad_a = torch.empty(r, k, dtype=grad_a_dtype, device=x.device)
     _launch("backward_kernel")(  # without an input gradient, x stands in for its pointer: INPUT_GRAD=False never touches it
-        (column_blocks, chunks), x, x if grad_x is None else grad_x, grad_h, a, keep, partial, m, k, r, rows_per_chunk, scaling / (1.0 - p),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), INPUT_GRAD=grad_x is not None, num_warps=warps, num_stages=stages,
+        (column_blocks, chunks), x, x if spread is None else spread, grad_h, a, keep, partial, arrivals, grad_a,
+        m, k, r, rows_per_chunk, scaling / (1.0 - p),
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), INPUT_GRAD=input_grad, num_warps=warps, num_stages=stages,
     )
-    return partial.sum(0)
+    return spread, grad_a
 
 
 def _launch(name: str) -> CachedLaunch:

@@ -125,10 +125,10 @@ def lora_backward(
     grad_h = _rank_product(flat_grad, b)  # (N, r): the gradient of h, which carries the scale
     grad_b = _lora_grad(flat_grad.T, h, lora_dtypes[1])
     if keep is not None:
-        # the base gradient first; one kernel then adds the masked low-rank term and gives A's gradient
-        base_grad = _base_input_grad(flat_grad, weight, weight_slices) if input_grad else None
-        grad_a = dropped_backward(flat_x, base_grad, grad_h.contiguous(), a, keep, dropout_p, scaling)
-        return None if base_grad is None else base_grad.view_as(x), _as(grad_a, lora_dtypes[0]), grad_b
+        # one kernel writes the masked low-rank term and gives A's gradient; the base gradient accumulates onto the term
+        spread, grad_a = dropped_backward(flat_x, grad_h.contiguous(), a, keep, dropout_p, scaling, lora_dtypes[0], input_grad)
+        grad_x = None if spread is None else _base_input_grad(flat_grad, weight, weight_slices, onto=spread).view_as(x)
+        return grad_x, grad_a, grad_b
     if input_grad and _merges_in_training(flat_x, weight, dropout_p):
         assert weight is not None
         grad_x = flat_grad @ merged_weight(weight, b, a)  # the forward's merged copy, built again rather than kept
