@@ -38,8 +38,9 @@ def test_down_projection_applies_the_dropout_kernels_mask(rows: int, cols: int, 
     want = 1.5 * (x.double() * mask) @ a.to(DTYPE).double().T
     assert h.shape == (rows, rank) and h.dtype == DTYPE
     assert relative_error(h, want) < 5e-3
-    assert keep.shape == (rows, cols // 8) and keep.dtype == torch.uint8
-    assert torch.equal(unpacked(keep), mask != 0), "the packed mask is the mask applied, bit j of byte c for element 8c + j"
+    packed = dropout_products.packed_mask(keep, rows, cols)
+    assert packed.shape == (rows, cols // 8) and packed.dtype == torch.uint8
+    assert torch.equal(unpacked(packed), mask != 0), "the packed mask is the mask applied, bit j of byte c for element 8c + j"
 
 
 def unpacked(keep: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,8 @@ def test_backward_gives_the_masked_input_gradient_term_and_a_gradient_of_a(
     mask = mask_of(rows, cols, p, 5)
     _, keep = dropout_products.dropped_down_projection(x, a, p, seed=5)  # backward reads the forward's packed mask
     spread, grad_a = dropout_products.dropped_backward(x, grad_h, a, keep, p, scaling=0.5, grad_a_dtype=a_dtype, input_grad=input_grad)
+    again = dropout_products.dropped_backward(x, grad_h, a, keep, p, scaling=0.5, grad_a_dtype=a_dtype, input_grad=input_grad)[1]
+    assert torch.equal(again, grad_a), "a second backward over the same forward (retain_graph) gives the same, deterministic sum"
     if input_grad:
         assert spread is not None and spread.dtype == DTYPE
         assert relative_error(spread, 0.5 * mask * (grad_h.double() @ a.to(DTYPE).double())) < 5e-3

@@ -39,10 +39,14 @@ def unpack_kept(packed_tile, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def down_kernel(
-    x, a, h, packed, M, K, R, threshold, scale, seed, salt,
+    x, a, h, packed, arrivals, M, K, R, COUNTERS, threshold, scale, seed, salt,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, ROUNDS: tl.constexpr,
 ):
-    """``h = scale * keep * x a^T`` (``a`` rounded to ``x``'s dtype, the scale applied once to the float32 sum); the mask is also written packed, 8 elements per byte, for the backward kernel."""
+    """``h = scale * keep * x a^T`` (``a`` rounded to ``x``'s dtype, the scale applied once to the float32 sum); the mask
+    is also written packed, 8 elements per byte, and the backward kernel's ``COUNTERS`` arrival counters zeroed."""
+    if tl.program_id(0) == 0:
+        for c0 in range(0, COUNTERS, BLOCK_K):
+            tl.store(arrivals + c0 + tl.arange(0, BLOCK_K), 0, mask=c0 + tl.arange(0, BLOCK_K) < COUNTERS)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rank = tl.arange(0, BLOCK_R)
     seed = seed + tl.load(salt)
@@ -81,8 +85,8 @@ def backward_kernel(
     the mask read packed, ``a`` rounded to ``x``'s dtype.
 
     Each program sums one chunk of rows for one block of columns into ``partial``; the last of a column block's
-    programs to finish (counted in ``arrivals``, zeroed) adds up the chunks in a fixed order, so the result is
-    deterministic and no separate reduction kernel runs. Each block of rows is loaded one iteration ahead, so its
+    programs to finish (counted in ``arrivals``, which the forward kernel zeroed and the last program zeroes again)
+    adds up the chunks in a fixed order, so the result is deterministic and no separate reduction kernel runs. Each block of rows is loaded one iteration ahead, so its
     loads are in flight while the block before it computes (Triton's pipeliner leaves this loop, with its stores, alone).
     """
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -116,6 +120,7 @@ def backward_kernel(
                 chunk_a = partial + chunk_index * R * K + rank[:, None] * K + cols[None, :]
                 total += tl.load(chunk_a, mask=in_a & (chunk_index < chunks), other=0.0, cache_modifier=".cg")
         tl.store(grad_a_out + rank[:, None] * K + cols[None, :], total.to(grad_a_out.dtype.element_ty), mask=in_a)
+        tl.store(arrivals + tl.program_id(0), 0)  # every program of this block has arrived: ready for another backward
 
 
 @triton.jit

@@ -48,20 +48,40 @@ def dropped_products_apply(x: torch.Tensor, a: torch.Tensor) -> bool:
 def dropped_down_projection(
     x: torch.Tensor, a: torch.Tensor, p: float, seed: int, scaling: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scaling * dropout(x) @ a.T, packed mask)`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it.
+    """``(scaling * dropout(x) @ a.T, keep)`` for ``x (M, K)`` and ``a (r, K)``, the mask drawn as ``seeded_dropout(x, p, seed)`` draws it.
 
-    The packed mask is ``(M, K / 8)`` bytes, bit ``j`` of byte ``c`` keeping element ``8 c + j`` of its row.
+    ``keep`` is what :func:`dropped_backward` needs, in one flat byte buffer: the packed mask (:func:`packed_mask`,
+    ``(M, K / 8)`` bytes, bit ``j`` of byte ``c`` keeping element ``8 c + j`` of its row), then backward's arrival
+    counters, zeroed here so that backward launches no zeroing kernel of its own.
     """
     m, k = x.shape
     r = a.shape[0]
     h = torch.empty(m, r, dtype=x.dtype, device=x.device)
-    keep = torch.empty(m, k // 8, dtype=torch.uint8, device=x.device)
+    counters_at, counters = _counters_layout(m, k)
+    keep = torch.empty(counters_at + 4 * counters, dtype=torch.uint8, device=x.device)
     block_m, block_k, warps, stages = DOWN_TILE
     _launch("down_kernel")(
-        (triton_blocks(m, block_m),), x, a, h, keep, m, k, r, _threshold(p), scaling / (1.0 - p), seed, seed_salt(x.device),
+        (triton_blocks(m, block_m),), x, a, h, keep, _arrivals(keep, m, k), m, k, r, counters,
+        _threshold(p), scaling / (1.0 - p), seed, seed_salt(x.device),
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_block(r), ROUNDS=PHILOX_ROUNDS, num_warps=warps, num_stages=stages,
     )
     return h, keep
+
+
+def packed_mask(keep: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """The ``(M, K / 8)`` packed mask in :func:`dropped_down_projection`'s ``keep`` for an ``(M, K)`` input."""
+    return keep[: m * (k // 8)].view(m, k // 8)
+
+
+def _counters_layout(m: int, k: int) -> tuple[int, int]:
+    """Where backward's arrival counters start in ``keep`` (after the mask, 16-byte aligned) and how many there are:
+    one per 32 columns, enough for any backward tile 32 or more columns wide."""
+    return triton_blocks(m * (k // 8), 16) * 16, triton_blocks(k, 32)
+
+
+def _arrivals(keep: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    counters_at, counters = _counters_layout(m, k)
+    return keep[counters_at : counters_at + 4 * counters].view(torch.int32)
 
 
 def dropped_backward(
@@ -79,8 +99,8 @@ def dropped_backward(
     caller accumulates the base layer's (a GEMM with beta = 1), and ``A``'s gradient summed in float32 and written
     in ``grad_a_dtype``.
 
-    ``x`` is ``(M, K)`` and contiguous, ``grad_h`` is ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is the packed mask
-    :func:`dropped_down_projection` gave.
+    ``x`` is ``(M, K)`` and contiguous, ``grad_h`` is ``(M, r)``, ``a`` is ``(r, K)``; ``keep`` is what
+    :func:`dropped_down_projection` gave (the kernel leaves its counters zeroed again, so a second backward works).
     """
     m, k = x.shape
     r = a.shape[0]
@@ -91,7 +111,8 @@ def dropped_backward(
     chunks = triton_blocks(m, rows_per_chunk)
     spread = torch.empty_like(x) if input_grad else None
     partial = torch.empty(chunks, r, k, dtype=torch.float32, device=x.device)
-    arrivals = torch.zeros(column_blocks, dtype=torch.int32, device=x.device)
+    arrivals = _arrivals(keep, m, k)
+    assert column_blocks <= arrivals.numel(), "a backward tile narrower than 32 columns needs more counters"
     grad_a = torch.empty(r, k, dtype=grad_a_dtype, device=x.device)
     _launch("backward_kernel")(  # without an input gradient, x stands in for its pointer: INPUT_GRAD=False never touches it
         (column_blocks, chunks), x, x if spread is None else spread, grad_h, a, keep, partial, arrivals, grad_a,
