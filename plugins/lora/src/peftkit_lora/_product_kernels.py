@@ -86,8 +86,8 @@ def backward_kernel(
 
     Each program sums one chunk of rows for one block of columns into ``partial``; the last of a column block's
     programs to finish (counted in ``arrivals``, which the forward kernel zeroed and the last program zeroes again)
-    adds up the chunks in a fixed order, so the result is deterministic and no separate reduction kernel runs. Each block of rows is loaded one iteration ahead, so its
-    loads are in flight while the block before it computes (Triton's pipeliner leaves this loop, with its stores, alone).
+    adds up the chunks in a fixed order, so the result is deterministic and no separate reduction kernel runs.
+    Each block of rows is loaded one iteration ahead, so its loads are in flight while the block before it computes.
     """
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     byte_cols = tl.program_id(0) * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)

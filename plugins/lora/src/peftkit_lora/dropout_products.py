@@ -80,6 +80,7 @@ def _counters_layout(m: int, k: int) -> tuple[int, int]:
 
 
 def _arrivals(keep: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """The backward kernel's arrival counters in ``keep``, as int32."""
     counters_at, counters = _counters_layout(m, k)
     return keep[counters_at : counters_at + 4 * counters].view(torch.int32)
 
