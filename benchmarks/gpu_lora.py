@@ -9,7 +9,11 @@ a CUDA graph. Variants ending in ``_graphed`` (training) or starting with
 ``graph_`` (forward) time the step replayed as a CUDA graph, GPU time without
 the host's, against the floor or base replayed alike; ``_two_pass`` and
 ``_two_gemm`` switch off this round's fused dropout and per-call merge, for a
-comparison in the same run. Results go to benchmarks/results/gpu_lora.md.
+comparison in the same run. Training steps use ``torch.optim.AdamW(fused=True)``,
+what transformers' Trainer uses by default (``optim="adamw_torch_fused"`` with
+torch 2.8 or later); ``_foreach`` before ``_graphed`` takes torch's default
+AdamW instead, as the runs before 2026-12-04 did. Results go to
+benchmarks/results/gpu_lora.md.
 
     python benchmarks/gpu_lora.py            # the 1.1B Llama shape of the issue
     python benchmarks/gpu_lora.py --tiny     # a smoke run (also on the CPU)
@@ -40,8 +44,10 @@ TRAIN_VARIANTS = {
     "peftkit_all_d05_two_pass_graphed": "peftkit all-linear dropout 0.05, separate dropout passes, CUDA graph",
     "peftkit_all_d0_graphed": "peftkit all-linear dropout 0, CUDA graph",
     "peftkit_qv_graphed": "peftkit q_proj,v_proj, CUDA graph",
+    "peftkit_all_d05_foreach_graphed": "peftkit all-linear dropout 0.05, CUDA graph, foreach AdamW (before 2026-12-04)",
 }
 GRAPHED = "_graphed"  # the training step replayed as a CUDA graph
+FOREACH = "_foreach"  # torch's default AdamW (one kernel per operation over lists of tensors), not the fused one
 INFER_VARIANTS = {
     "fwd_base": "forward, no grad: base",
     "fwd_peft": "forward: PEFT unmerged LoRA",
@@ -129,8 +135,11 @@ def timed(step, warmup: int, steps: int, device: str) -> float:  # type: ignore[
     return statistics.median(times)
 
 
-def run_train(variant: str, tiny: bool, device: str, graphed: bool = False, profile_dir: str | None = None) -> dict[str, float]:
-    """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph.
+def run_train(
+    variant: str, tiny: bool, device: str, graphed: bool = False, profile_dir: str | None = None, fused: bool = True
+) -> dict[str, float]:
+    """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph;
+    ``fused``: AdamW's fused kernel (transformers' Trainer default), else torch's default (foreach) AdamW.
 
     With ``profile_dir``, an eager variant also writes its GPU time per kernel there.
     """
@@ -145,7 +154,8 @@ def run_train(variant: str, tiny: bool, device: str, graphed: bool = False, prof
         embed.register_forward_hook(lambda module, args, out: out.requires_grad_(True))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=graphed) if params else None
+    kernels = {"fused": True} if fused else {"foreach": True}  # fused=False alone would loop over the tensors one by one
+    optimizer = torch.optim.AdamW(params, lr=1e-4, capturable=graphed, **kernels) if params else None
     ids = torch.randint(0, model_config(tiny).vocab_size, (batch, seq), device=device)
 
     def step() -> None:
@@ -339,6 +349,8 @@ def dropout_check(device: str) -> dict[str, float]:
 def child(variant: str, tiny: bool, device: str, profile_dir: str | None = None) -> None:
     graphed = variant.endswith(GRAPHED)
     variant = variant.removesuffix(GRAPHED)
+    fused = not variant.endswith(FOREACH)
+    variant = variant.removesuffix(FOREACH)
     for suffix, switch in EARLIER_FORMS.items():
         if variant.endswith(suffix):
             from peftkit_lora import kernels
@@ -348,7 +360,7 @@ def child(variant: str, tiny: bool, device: str, profile_dir: str | None = None)
     if variant == "check":
         result = run_check(tiny, device)
     elif variant in TRAIN_VARIANTS:
-        result = run_train(variant, tiny, device, graphed, profile_dir)
+        result = run_train(variant, tiny, device, graphed, profile_dir, fused)
     else:
         result = run_infer(variant, tiny, device)
     print("RESULT " + json.dumps(result))
@@ -358,7 +370,7 @@ def parent(args: argparse.Namespace) -> None:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float]] = json.loads(Path(args.merge).read_text()) if args.merge else {}
     chosen = args.variants.split(",") if args.variants else ["check", *TRAIN_VARIANTS, *INFER_VARIANTS]
     for variant in chosen:
         command = [sys.executable, __file__, "--variant", variant, "--device", device] + (["--tiny"] if args.tiny else [])
@@ -395,7 +407,7 @@ def render(results: dict[str, dict[str, float]], device: str, tiny: bool) -> str
         (f"`python benchmarks/gpu_lora.py{' --tiny' if tiny else ''}` on {name}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, peft {peft.__version__}, {time.strftime('%Y-%m-%d')}."),
         ("Llama shape: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000, bf16, sdpa. "
-        "Training: batch 8 x 1024, labels = inputs, AdamW, median of 12 steps after 3 warm-up. "
+        "Training: batch 8 x 1024, labels = inputs, AdamW (fused, as transformers' Trainer), median of 12 steps after 3 warm-up. "
         "Forward: batch 8 x 512, no grad, median of 20."),
         "",
         "| variant | ms | x floor (graphed: x graphed floor) | peak GiB | x floor peak |",
@@ -442,6 +454,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "gpu_lora.md"))
     parser.add_argument("--json-out", default="gpu_lora.json")
     parser.add_argument("--variants", help="comma-separated subset to run (default: all; the table lists the rest as failed)")
+    parser.add_argument("--merge", metavar="JSON", help="start from an earlier run's --json-out (variants run now replace its)")
     parser.add_argument("--profile", metavar="DIR", help="also write each eager training variant's GPU time per kernel to DIR/VARIANT.txt")
     args = parser.parse_args()
     if args.variant:
