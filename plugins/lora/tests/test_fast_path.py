@@ -233,3 +233,33 @@ def test_inference_cache_of_the_scaled_b_follows_weight_changes() -> None:
         torch.testing.assert_close(layer(x), reference_output(layer, x))
         layer.scaling["default"] *= 3
         torch.testing.assert_close(layer(x), reference_output(layer, x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("tokens", [16, 2048])
+def test_inference_replays_as_a_cuda_graph_and_follows_in_place_weight_updates(tokens: int) -> None:
+    """A captured no-grad forward (merged per call for 2048 tokens, low-rank products for 16) replays the eager
+    result, and replays after the LoRA weights are updated in place give the updated model's result."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 512), nn.GELU(), nn.Linear(512, 256)).cuda().to(torch.bfloat16)
+    model = peftkit.get_peft_model(base, LoraConfig(r=8, target_modules=["0", "2"], init_lora_weights=False)).eval()
+    static = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = model(static)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(static)  # warm-up: Triton compiles, the scaled-B cache fills
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = model(static)
+        graph.replay()
+        torch.testing.assert_close(replayed, eager)
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.mul_(1.5)  # as loading new adapter weights in place would
+        updated = model(static)
+        graph.replay()
+        assert not torch.equal(updated, eager)
+        torch.testing.assert_close(replayed, updated)

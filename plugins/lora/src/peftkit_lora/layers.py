@@ -193,12 +193,15 @@ class LoraLinear(LoraLayer):
     def lora_b_and_scaling(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         """``(B, scaling)`` for the fused kernel; without gradients, ``(scaling * B in dtype, 1.0)``, cached until B changes.
 
-        The cache spares inference one small kernel per layer and call.
+        The cache spares inference one small kernel per layer and call. Not
+        while a CUDA graph is captured: its replays would keep reading the
+        cached copy after an in-place update of ``B``, where the scaling
+        captured with the rest reads ``B`` itself on every replay.
         """
         lora_b = self._modules["lora_B"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
         assert lora_b is not None
         scaling = self.scaling[name]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or (lora_b.is_cuda and torch.cuda.is_current_stream_capturing()):
             return lora_b, scaling
         key = (name, scaling, dtype, _versions(lora_b))
         return self._reused("_scaled_b_cache", key, lambda: (lora_b * scaling).to(dtype)), 1.0
