@@ -15,8 +15,15 @@ torch 2.8 or later); ``_foreach`` before ``_graphed`` takes torch's default
 AdamW instead, as the runs before 2026-12-04 did. Results go to
 benchmarks/results/gpu_lora.md.
 
+Eager figures depend on the host, whose Python launches every kernel:
+``--repeat N`` runs each variant in N interleaved processes and keeps its
+fastest, and ``--profile DIR`` writes, per eager variant, when the host had
+queued a step against when its GPU work was done, GPU time per kernel and a
+cProfile of the host.
+
     python benchmarks/gpu_lora.py            # the 1.1B Llama shape of the issue
     python benchmarks/gpu_lora.py --tiny     # a smoke run (also on the CPU)
+    python benchmarks/gpu_lora.py --variants fwd_base,mixed_peftkit --repeat 3 --profile prof
 """
 
 from __future__ import annotations
