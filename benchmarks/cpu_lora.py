@@ -20,11 +20,18 @@ and touched again: about 35,000 per step for every variant here, the floor's
 included). torch's thread count is left as it is. Run from the repository root:
 
     python benchmarks/cpu_lora.py            # writes benchmarks/results/cpu_lora.md
+    python benchmarks/cpu_lora.py --ablations --out benchmarks/results/cpu_lora_ablations.md
+
+``--ablations`` adds two peftkit variants that split its cost over the floor:
+one with the LoRA arithmetic skipped inside the fused function (what is left
+is the module's code, the autograd function and the optimizer) and one that
+trains through the low-rank products instead of per-call merged weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -33,7 +40,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,6 +112,54 @@ def peftkit_lora(model: torch.nn.Module) -> torch.nn.Module:
     return peftkit.get_peft_model(model, config)
 
 
+def ablated_step(
+    args: argparse.Namespace, switch: Callable[[], contextlib.AbstractContextManager[None]]
+) -> tuple[Callable[[], None], int]:
+    """A peftkit LoRA step run with part of the fast path switched off by ``switch`` (for ``--ablations``)."""
+    step, trainable = lora_step(args, peftkit_lora)
+
+    def ablated() -> None:
+        with switch():
+            step()
+
+    return ablated, trainable
+
+
+@contextlib.contextmanager
+def without_lora_arithmetic() -> Iterator[None]:
+    """Inside the fused autograd function only the base linear runs (LoRA gradients are zeros): what remains over the
+    floor is the module's code, the autograd function's overhead and the optimizer."""
+    from peftkit_lora import kernels
+
+    forward, backward = kernels.lora_forward, kernels.lora_backward
+
+    def base_forward(x, weight, bias, lora_a, lora_b, *_):  # type: ignore[no-untyped-def]
+        return torch.nn.functional.linear(x, weight, bias), lora_a, lora_b, lora_a, None
+
+    def base_backward(grad_out, x, weight, a, b, h, keep, scaling, dropout_p, seed, slices, input_grad, dtypes):  # type: ignore[no-untyped-def]
+        grad_x = (grad_out.reshape(-1, grad_out.shape[-1]) @ weight).view_as(x) if input_grad else None
+        return grad_x, torch.zeros_like(a), torch.zeros_like(b)
+
+    kernels.lora_forward, kernels.lora_backward = base_forward, base_backward
+    try:
+        yield
+    finally:
+        kernels.lora_forward, kernels.lora_backward = forward, backward
+
+
+@contextlib.contextmanager
+def without_merges() -> Iterator[None]:
+    """Training through the low-rank products instead of a per-call merged copy of each weight."""
+    from peftkit_lora import kernels
+
+    merges = kernels._merges_in_training
+    kernels._merges_in_training = lambda *_: False
+    try:
+        yield
+    finally:
+        kernels._merges_in_training = merges
+
+
 def batch(args: argparse.Namespace) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
@@ -133,6 +188,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds the timed steps are split into")
     parser.add_argument("--out", type=Path, default=RESULTS, help="markdown results file (default: benchmarks/results/cpu_lora.md)")
+    parser.add_argument(
+        "--ablations", action="store_true",
+        help="also time peftkit with its LoRA arithmetic skipped, and without the per-call merge",
+    )
     args = parser.parse_args()
 
     variants = {
@@ -140,6 +199,9 @@ def main() -> None:
         "HF PEFT LoRA": lora_step(args, hf_peft),
         "peftkit LoRA": lora_step(args, peftkit_lora),
     }
+    if args.ablations:
+        variants["peftkit, LoRA arithmetic skipped (module, autograd function, optimizer)"] = ablated_step(args, without_lora_arithmetic)
+        variants["peftkit, no per-call merge (low-rank products)"] = ablated_step(args, without_merges)
     for step, _ in variants.values():
         for _ in range(args.warmup):
             step()
