@@ -16,7 +16,7 @@ default (torch's default AdamW on the CPU loops over the parameters in Python:
 timed in interleaved rounds (so drift in machine load hits every variant
 alike) after a warm-up; the table gives the median, and the median count of
 minor page faults per step (memory the allocator handed back to the system
-and touched again: about 35,000 per step for every variant here, the floor's
+and touched again: 33,000 to 35,000 per step for every variant here, the floor's
 included). torch's thread count is left as it is. Run from the repository root:
 
     python benchmarks/cpu_lora.py            # writes benchmarks/results/cpu_lora.md
