@@ -193,18 +193,15 @@ class LoraLinear(LoraLayer):
     def lora_b_and_scaling(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
         """``(B, scaling)`` for the fused kernel; without gradients, ``(scaling * B in dtype, 1.0)``, cached until B changes.
 
-        The cache spares inference one small kernel per layer and call. Not
-        while a CUDA graph is captured: its replays would keep reading the
-        cached copy after an in-place update of ``B``, where the scaling
-        captured with the rest reads ``B`` itself on every replay.
+        The cache spares inference one small kernel per layer and call.
         """
         lora_b = self._modules["lora_B"]._modules[name]._parameters["weight"]  # type: ignore[union-attr]
         assert lora_b is not None
         scaling = self.scaling[name]
-        if torch.is_grad_enabled() or (lora_b.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if torch.is_grad_enabled():
             return lora_b, scaling
         key = (name, scaling, dtype, _versions(lora_b))
-        return self._reused("_scaled_b_cache", key, lambda: (lora_b * scaling).to(dtype)), 1.0
+        return self._reused("_scaled_b_cache", key, lambda: (lora_b * scaling).to(dtype), lora_b.is_cuda), 1.0
 
     def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """All rows at once: one matmul through every adapter's ``A``, zero the columns of other rows' adapters, one through the ``B``s.
@@ -279,10 +276,19 @@ class LoraLinear(LoraLayer):
         if torch.is_grad_enabled() and any(w.requires_grad for w in (*a_weights, *b_weights)):  # type: ignore[union-attr]
             return build()
         key = (names, [scaling[n] for n in present], _versions(*a_weights, *b_weights))  # type: ignore[arg-type]
-        return self._reused("_concat_cache", key, build)
+        return self._reused("_concat_cache", key, build, a_weights[0].is_cuda)  # type: ignore[union-attr]
 
-    def _reused(self, slot: str, key: object, build: Callable[[], T]) -> T:
-        """``build()`` (run without autograd), kept in ``slot`` and reused while ``key`` stays the same."""
+    def _reused(self, slot: str, key: object, build: Callable[[], T], cuda: bool) -> T:
+        """``build()`` (run without autograd), kept in ``slot`` and reused while ``key`` stays the same.
+
+        Built anew and not kept while a CUDA graph is captured (``cuda``: the
+        tensors are on a GPU): a replay skips this host-side check of ``key``,
+        so it would keep reading a kept result after an in-place weight
+        update; built inside the capture, every replay builds it again.
+        """
+        if cuda and torch.cuda.is_current_stream_capturing():
+            with torch.no_grad():
+                return build()
         cached = self.__dict__.get(slot)
         if cached is None or cached[0] != key:
             with torch.no_grad():
