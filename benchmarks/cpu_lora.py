@@ -134,7 +134,7 @@ def without_lora_arithmetic() -> Iterator[None]:
     forward, backward = kernels.lora_forward, kernels.lora_backward
 
     def base_forward(x, weight, bias, lora_a, lora_b, *_):  # type: ignore[no-untyped-def]
-        return torch.nn.functional.linear(x, weight, bias), lora_a, lora_b, lora_a, None
+        return torch.nn.functional.linear(x, weight, bias), weight, lora_a, lora_b, lora_a, None
 
     def base_backward(grad_out, x, weight, a, b, h, keep, scaling, dropout_p, seed, slices, input_grad, dtypes):  # type: ignore[no-untyped-def]
         grad_x = (grad_out.reshape(-1, grad_out.shape[-1]) @ weight).view_as(x) if input_grad else None

@@ -10,8 +10,8 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 - without gradients on CUDA, a batch long enough that it moves fewer bytes computes
   with a merged copy of the weight made for the call (see
   :func:`_merging_moves_less`); so does training without dropout in full
-  float32 (see :func:`_merges_in_training`), the copy built again in backward
-  for the input gradient rather than kept;
+  float32 (see :func:`_merges_in_training`), the copy kept for the input
+  gradient in backward;
 - no ``(N, out)`` temporaries for the scaled LoRA output and the sum: the
   low-rank product is written first and the base matmul accumulates onto it
   (``addmm_`` with beta = 1 reads it inside the compute-bound base GEMM);
@@ -24,7 +24,8 @@ What it saves against the plain composition of modules (Hugging Face PEFT's):
 - backward stores only ``x`` (which q/k/v share), the ``(N, r)`` product ``h``
   and, with the fused dropout, its bit mask;
 - on a CPU the rank-``r`` products are computed with the rank as the
-  output's rows, as :func:`_rank_product` says.
+  output's rows, as :func:`_rank_product` says, and a scale rides in the
+  GEMM's ``alpha`` rather than in a pass of its own.
 
 It computes the same function as the plain path (dropout on the LoRA input,
 kept values scaled by ``1 / (1 - p)``), which the tests check against a
@@ -69,17 +70,29 @@ def lora_forward(
     dropout_p: float,
     seed: int,
     weight_slices: WeightSlices | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The fused forward: ``(out, a, b, h, keep)``; ``a``, ``b`` (LoRA weights as the products take them), ``h`` and the packed
-    mask ``keep`` (where the dropout was drawn inside the products) are what backward needs.
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The fused forward: ``(out, input_weight, a, b, h, keep)``; the rest is what backward needs.
+
+    ``input_weight`` is what the input gradient goes through: ``weight``, or
+    the merged copy ``W + scaling * B A`` where :func:`_merges_in_training`
+    (which then also holds in backward). ``a``, ``b`` are the LoRA weights as
+    the products take them, ``keep`` the packed dropout mask where it was
+    drawn inside the products.
 
     The scale rides on ``h = scaling * dropout(x) A^T``: ``out = h B^T + x W^T + bias``. The fused products
-    apply it in the kernel and read ``A`` in its own dtype (``a`` is ``lora_a``); elsewhere ``a`` is
-    ``scaling * A`` in ``x``'s dtype. ``b`` is ``B`` in ``x``'s dtype, so ``B``'s gradient ``g^T h`` needs no
-    scaling.
+    apply it in the kernel and read ``A`` in its own dtype (``a`` is ``lora_a``); the merged path applies it
+    in its GEMMs (``a`` is ``A`` in ``x``'s dtype); elsewhere ``a`` is ``scaling * A`` in ``x``'s dtype. ``b``
+    is ``B`` in ``x``'s dtype, so ``B``'s gradient ``g^T h`` needs no scaling.
     """
     flat_x = x.reshape(-1, x.shape[-1])
     b = _as(lora_b, x.dtype)
+    if _merges_in_training(flat_x, weight, dropout_p):
+        assert weight is not None
+        a = _as(lora_a, x.dtype)
+        h = _rank_product(flat_x, a.T, scaling)
+        merged = torch.addmm(weight, b, a, alpha=scaling)
+        out = torch.nn.functional.linear(flat_x, merged, None if bias is None else _as(bias, x.dtype))
+        return out.view(*x.shape[:-1], out.shape[-1]), merged, a, b, h, None
     keep = None
     if dropout_p > 0 and dropped_products_apply(flat_x, lora_a):
         a = lora_a
@@ -89,10 +102,6 @@ def lora_forward(
         lora_in = seeded_dropout(flat_x, dropout_p, seed) if dropout_p > 0 else flat_x
         h = _rank_product(lora_in, a.T)
         del lora_in  # the dropped copy of x is not kept, nor alive while a packed weight is rebuilt
-    if _merges_in_training(flat_x, weight, dropout_p):
-        assert weight is not None
-        out = torch.nn.functional.linear(flat_x, merged_weight(weight, b, a), None if bias is None else _as(bias, x.dtype))
-        return out.view(*x.shape[:-1], out.shape[-1]), a, b, h, keep
     out = torch.addmm(_as(bias, x.dtype), h, b.T) if bias is not None else h @ b.T
     if weight_slices is None:
         assert weight is not None
@@ -101,7 +110,7 @@ def lora_forward(
         for rows, dense in weight_slices():
             out[:, rows].addmm_(flat_x, dense.T)
             del dense  # a packed weight's slice is freed before the next one is built
-    return out.view(*x.shape[:-1], out.shape[-1]), a, b, h, keep
+    return out.view(*x.shape[:-1], out.shape[-1]), weight, a, b, h, keep
 
 
 def lora_backward(
@@ -119,7 +128,7 @@ def lora_backward(
     input_grad: bool,
     lora_dtypes: tuple[torch.dtype, torch.dtype],
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The fused backward from :func:`lora_forward`'s saved values: ``(grad_x or None, grad_lora_a, grad_lora_b)``."""
+    """The fused backward from :func:`lora_forward`'s saved values (``weight``: its ``input_weight``): ``(grad_x or None, grad_lora_a, grad_lora_b)``."""
     flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
     flat_x = x.reshape(-1, x.shape[-1])
     grad_h = _rank_product(flat_grad, b)  # (N, r): the gradient of h, which carries the scale
@@ -129,10 +138,10 @@ def lora_backward(
         spread, grad_a = dropped_backward(flat_x, grad_h.contiguous(), a, keep, dropout_p, scaling, lora_dtypes[0], input_grad)
         grad_x = None if spread is None else _base_input_grad(flat_grad, weight, weight_slices, onto=spread).view_as(x)
         return grad_x, grad_a, grad_b
-    if input_grad and _merges_in_training(flat_x, weight, dropout_p):
+    if _merges_in_training(flat_x, weight, dropout_p):
         assert weight is not None
-        grad_x = flat_grad @ merged_weight(weight, b, a)  # the forward's merged copy, built again rather than kept
-        return grad_x.view_as(x), _lora_grad(grad_h.T, flat_x, lora_dtypes[0], scaling), grad_b
+        grad_x = flat_grad @ weight if input_grad else None  # through the forward's merged copy
+        return None if grad_x is None else grad_x.view_as(x), _lora_grad(grad_h.T, flat_x, lora_dtypes[0], scaling), grad_b
     grad_x = grad_h @ a if input_grad else None  # a carries the scale here
     lora_in = flat_x
     if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
@@ -182,8 +191,8 @@ class LoraLinearFunction(torch.autograd.Function):
         seed: int,
         weight_slices: WeightSlices | None = None,
     ) -> torch.Tensor:
-        out, a, b, h, keep = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
-        ctx.save_for_backward(x, weight, a, b, h, keep)
+        out, input_weight, a, b, h, keep = lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, weight_slices)
+        ctx.save_for_backward(x, input_weight if ctx.needs_input_grad[0] else weight, a, b, h, keep)
         ctx.scaling, ctx.dropout_p, ctx.seed, ctx.weight_slices = scaling, dropout_p, seed, weight_slices
         ctx.lora_dtypes = lora_a.dtype, lora_b.dtype
         return out
@@ -198,15 +207,24 @@ class LoraLinearFunction(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
-def _rank_product(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """``m @ n`` for a product with a rank-``r`` side; on a CPU the short side as the output's rows (as ``(n^T m^T)^T`` where ``n`` has it).
+def _rank_product(m: torch.Tensor, n: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (m @ n)`` for a product with a rank-``r`` side; on a CPU the short side as the output's rows (as ``(n^T m^T)^T`` where ``n`` has it).
 
     The same GEMM, but a CPU BLAS (oneDNN/MKL) runs it about twice as fast that
     way round (``g @ B``: 420 us against 220 us for a 1024 x 688 float32
     gradient and r = 8 on two cores), while cuBLAS runs the transposed form far
     slower (an H100 LoRA forward went from 1.17x to 1.67x the base).
     """
-    return m @ n if m.is_cuda or m.shape[0] <= n.shape[1] else (n.T @ m.T).T
+    if m.is_cuda or m.shape[0] <= n.shape[1]:
+        return _product(m, n, scale)
+    return _product(n.T, m.T, scale).T
+
+
+def _product(m: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * (m @ n)`` in one GEMM: ``addmm`` with ``beta = 0`` never reads its input (documented), so an empty one serves."""
+    if scale == 1.0:
+        return m @ n
+    return torch.addmm(m.new_empty(()).expand(m.shape[0], n.shape[1]), m, n, beta=0, alpha=scale)
 
 
 _GEMM_WRITES_FLOAT32 = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=) (CUDA, torch 2.8 and later)
@@ -218,7 +236,7 @@ def _lora_grad(m: torch.Tensor, n: torch.Tensor, dtype: torch.dtype, scale: floa
     if m.is_cuda and dtype == torch.float32 and m.dtype in HALF_DTYPES and _GEMM_WRITES_FLOAT32:
         product = torch.mm(m, n, out_dtype=torch.float32)
         return product if scale == 1.0 else product.mul_(scale)
-    return _scaled(_rank_product(m, n), scale, dtype)
+    return _as(_rank_product(m, n, scale), dtype)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -279,16 +297,19 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 
 
 def _merges_in_training(flat_x: torch.Tensor, weight: torch.Tensor | None, dropout_p: float) -> bool:
-    """Whether a training call computes through ``W + s B A``, built in forward and again in backward.
+    """Whether a training call computes through ``W + s B A``, built in forward and kept for the input gradient.
 
     Exact without dropout only (with it the LoRA input differs from the base's),
     and only in full float32 or float64: a 16-bit (or TF32) copy would round
     away the small ``s B A`` of an adapter early in training, so the outputs
     would not follow its updates. The low-rank path writes and reads back an output-sized term in forward
     and an input-sized one in backward: ``2 tokens (in + out)`` elements;
-    merging reads ``W`` and writes the copy twice, ``4 in out``, and drops
-    those two rank-``r`` GEMMs for two of ``in * out * r``. ``h = x A^T`` is
-    still computed: ``B``'s gradient needs it.
+    merging reads ``W`` and writes the copy, ``2 in out``, and drops
+    those two rank-``r`` GEMMs for one of ``in * out * r``. ``h = x A^T`` is
+    still computed: ``B``'s gradient needs it. The bound taken, ``2 in out <=
+    tokens (in + out)``, also bounds the memory of the kept copy: at most half
+    the layer's input and output together, while the tensors that the layer
+    and its neighbours keep for backward are several times that.
     """
     if dropout_p > 0 or weight is None or flat_x.dtype not in _FULL_PRECISION:
         return False
