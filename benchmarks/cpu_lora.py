@@ -223,7 +223,7 @@ def main() -> None:
         median = statistics.median(times[name])
         q = statistics.quantiles(times[name], n=4)
         page_faults = f"{statistics.median(faults[name]):,.0f}"
-        rows.append((name, f"{trainable:,}", f"{median:.1f}", f"{q[0]:.1f}-{q[2]:.1f}", f"{median / floor:.2f}", page_faults))
+        rows.append((name, f"{trainable:,}", f"{median:.1f}", f"{q[0]:.1f}-{q[2]:.1f}", f"{median / floor:.3f}", page_faults))
     header = ("variant", "trainable params", "median ms/step", "IQR ms", "ratio to floor", "minor page faults/step")
     table = [
         "| " + " | ".join(header) + " |",

@@ -62,6 +62,27 @@ def test_training_keeps_the_merged_copy_only_for_an_input_gradient(input_grad: b
         torch.testing.assert_close(got, want)
 
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_float32_training_matches_float64_on_each_device(device: str, tokens: int) -> None:
+    """Outputs and gradients in float32, through the low-rank products (2 tokens) or the kept merged copy (6), on
+    the CPU's rank-first GEMMs with the scale as their alpha or on CUDA's plain ones."""
+    reference = operands(tokens=tokens)
+    ours = [t.detach().to(device, torch.float32).requires_grad_(t.requires_grad) for t in reference]
+    x, w, b, a, bb = ours
+    assert kernels._merges_in_training(x.reshape(-1, 5), w, 0.0) == (tokens == 3)
+    out = LoraLinearFunction.apply(x, w, b, a, bb, 0.7, 0.0, 0)
+    want = plain(*reference, 0.7, None)
+    torch.testing.assert_close(out.double().cpu(), want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.pow(2).sum(), (x, a, bb))
+    wanted = torch.autograd.grad(want.pow(2).sum(), (reference[0], reference[3], reference[4]))
+    for got, expected in zip(grads, wanted):
+        torch.testing.assert_close(got.double().cpu(), expected, rtol=1e-5, atol=1e-4)
+
+
 def test_training_merges_only_without_dropout_and_an_unpacked_weight() -> None:
     x, w, _b, _a, _bb = operands(tokens=3)
     flat = x.reshape(-1, 5)
