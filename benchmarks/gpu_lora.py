@@ -145,12 +145,12 @@ def timed(step, warmup: int, steps: int, device: str) -> float:  # type: ignore[
 
 
 def run_train(
-    variant: str, tiny: bool, device: str, graphed: bool = False, profile_dir: str | None = None, fused: bool = True
+    variant: str, tiny: bool, device: str, graphed: bool = False, profile_file: Path | None = None, fused: bool = True
 ) -> dict[str, float]:
     """One training step's median time and peak memory; ``graphed``: the whole step replayed as a CUDA graph;
     ``fused``: AdamW's fused kernel (transformers' Trainer default), else torch's default (foreach) AdamW.
 
-    With ``profile_dir``, an eager variant also writes its GPU time per kernel there.
+    With ``profile_file``, an eager variant also writes its GPU time per kernel there.
     """
     import torch
 
@@ -178,8 +178,8 @@ def run_train(
         torch.cuda.reset_peak_memory_stats()
     ms = timed(captured(step) if graphed and device == "cuda" else step, 3, 12, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
-    if profile_dir is not None and not graphed and device == "cuda":
-        profile_kernels(step, Path(profile_dir) / f"{variant}.txt")
+    if profile_file is not None and not graphed and device == "cuda":
+        profile_kernels(step, profile_file)
     return {"ms": ms, "peak_gib": peak}
 
 
@@ -286,8 +286,8 @@ def add_mixed_adapters(model, kind: str):  # type: ignore[no-untyped-def]
     return names
 
 
-def run_infer(variant: str, tiny: bool, device: str, profile_dir: str | None = None) -> dict[str, float]:
-    """One no-grad forward's median time; with ``profile_dir``, an eager variant also writes its GPU time per kernel there."""
+def run_infer(variant: str, tiny: bool, device: str, profile_file: Path | None = None) -> dict[str, float]:
+    """One no-grad forward's median time; with ``profile_file``, an eager variant also writes its GPU time per kernel there."""
     import torch
 
     batch, seq = (2, 32) if tiny else (8, 512)
@@ -318,8 +318,8 @@ def run_infer(variant: str, tiny: bool, device: str, profile_dir: str | None = N
             model(input_ids=ids, use_cache=False, **extra)
 
     ms = timed(step, 3, 20, device)
-    if profile_dir is not None and device == "cuda":
-        profile_kernels(step, Path(profile_dir) / f"{variant}.txt")
+    if profile_file is not None and device == "cuda":
+        profile_kernels(step, profile_file)
     return {"ms": ms}
 
 
@@ -395,6 +395,7 @@ def dropout_check(device: str) -> dict[str, float]:
 
 
 def child(variant: str, tiny: bool, device: str, profile_dir: str | None = None) -> None:
+    profile_file = None if profile_dir is None else Path(profile_dir) / f"{variant}.txt"  # the full name: suffixes are stripped below
     graphed = variant.endswith(GRAPHED)
     variant = variant.removesuffix(GRAPHED)
     fused = not variant.endswith(FOREACH)
@@ -408,9 +409,9 @@ def child(variant: str, tiny: bool, device: str, profile_dir: str | None = None)
     if variant == "check":
         result = run_check(tiny, device)
     elif variant in TRAIN_VARIANTS:
-        result = run_train(variant, tiny, device, graphed, profile_dir, fused)
+        result = run_train(variant, tiny, device, graphed, profile_file, fused)
     else:
-        result = run_infer(variant, tiny, device, profile_dir)
+        result = run_infer(variant, tiny, device, profile_file)
     print("RESULT " + json.dumps(result))
 
 
