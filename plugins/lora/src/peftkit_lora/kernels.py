@@ -90,7 +90,7 @@ def lora_forward(
         assert weight is not None
         a = _as(lora_a, x.dtype)
         h = _rank_product(flat_x, a.T, scaling)
-        merged = torch.addmm(weight, b, a, alpha=scaling)
+        merged = merged_weight(weight, b, a, scaling)
         out = torch.nn.functional.linear(flat_x, merged, None if bias is None else _as(bias, x.dtype))
         return out.view(*x.shape[:-1], out.shape[-1]), merged, a, b, h, None
     keep = None
@@ -140,8 +140,10 @@ def lora_backward(
         return grad_x, grad_a, grad_b
     if _merges_in_training(flat_x, weight, dropout_p):
         assert weight is not None
-        grad_x = flat_grad @ weight if input_grad else None  # through the forward's merged copy
-        return None if grad_x is None else grad_x.view_as(x), _lora_grad(grad_h.T, flat_x, lora_dtypes[0], scaling), grad_b
+        grad_a = _lora_grad(grad_h.T, flat_x, lora_dtypes[0], scaling)
+        if not input_grad:
+            return None, grad_a, grad_b
+        return (flat_grad @ weight).view_as(x), grad_a, grad_b  # through the forward's merged copy
     grad_x = grad_h @ a if input_grad else None  # a carries the scale here
     lora_in = flat_x
     if dropout_p > 0 and grad_x is not None:  # the same mask for the input and its gradient, drawn once
@@ -336,12 +338,13 @@ def _merged_forward(
 MERGE_TILE = (64, 128, 4, 3)  # (rows, columns, num_warps, num_stages) per program of the merge kernel
 
 
-def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """``weight + b @ a`` as a new tensor: on CUDA in 16 bits one Triton pass (cuBLAS runs this rank-``r`` GEMM at a third of the memory rate)."""
+def merged_weight(weight: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``weight + scale * b @ a`` as a new tensor: on CUDA in 16 bits one Triton pass (cuBLAS runs this rank-``r`` GEMM
+    at a third of the memory rate); the Triton pass takes a ``b`` scaled beforehand (``scale`` 1), as inference's cached one is."""
     launch = product_kernel("merge_kernel")
     rank = b.shape[1]
-    if launch is None or not weight.is_cuda or weight.dtype not in HALF_DTYPES or rank > MAX_RANK:
-        return torch.addmm(weight, b, a)
+    if launch is None or not weight.is_cuda or weight.dtype not in HALF_DTYPES or rank > MAX_RANK or scale != 1.0:
+        return torch.addmm(weight, b, a, alpha=scale)
     rows, cols = weight.shape
     out = torch.empty(rows, cols, dtype=weight.dtype, device=weight.device)
     block_n, block_k, warps, stages = MERGE_TILE
