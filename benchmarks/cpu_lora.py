@@ -160,6 +160,17 @@ def without_merges() -> Iterator[None]:
         kernels._merges_in_training = merges
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The tiny Llama's shape and the batch, as options (shared with benchmarks/cpu_lora_ab.py)."""
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+
+
 def batch(args: argparse.Namespace) -> torch.Tensor:
     generator = torch.Generator().manual_seed(1)
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
@@ -177,13 +188,7 @@ def cpu_name() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Time a LoRA training step on the CPU")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
+    add_model_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=120, help="timed steps per variant")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds the timed steps are split into")

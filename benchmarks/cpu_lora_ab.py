@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--before", required=True, help="git revision of the earlier kernels.py")
     parser.add_argument("--rounds", type=int, default=150, help="rounds of one step per variant (default 150)")
     parser.add_argument("--out", type=Path, help="also write the table to this markdown file")
+    cpu_lora.add_model_arguments(parser)
     args = parser.parse_args()
-    shape = argparse.Namespace(hidden=256, intermediate=688, layers=4, heads=8, vocab=8192, batch=8, seq=128)
 
     before = kernels_at(args.before)
     current = peftkit_lora.layers.lora_linear
@@ -68,9 +68,9 @@ def main() -> None:
             peftkit_lora.layers.lora_linear = current
 
     variants = {
-        "frozen base (floor)": cpu_lora.frozen_step(shape)[0],
-        f"peftkit, kernels.py of {args.before}": cpu_lora.ablated_step(shape, earlier_kernels)[0],
-        "peftkit, working tree": cpu_lora.lora_step(shape, cpu_lora.peftkit_lora)[0],
+        "frozen base (floor)": cpu_lora.frozen_step(args)[0],
+        f"peftkit, kernels.py of {args.before}": cpu_lora.ablated_step(args, earlier_kernels)[0],
+        "peftkit, working tree": cpu_lora.lora_step(args, cpu_lora.peftkit_lora)[0],
     }
     for step in variants.values():
         for _ in range(3):
